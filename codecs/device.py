@@ -1,0 +1,125 @@
+"""Device-facing messages: heartbeats in, command batches and settings updates out.
+
+Device payloads tolerate unknown fields (devices are upgraded slowly). Decoders are built
+once at import and reused for every message.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+MAX_HEARTBEAT_BYTES = 64 * 1024
+MAX_ACKS = 64
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+AckStatus = Literal["succeeded", "failed", "rejected"]
+
+
+class RecordingState(msgspec.Struct, omit_defaults=True):
+    device_state: str | None = None
+    pending_recordings: NonNegInt | None = None
+    flags: NonNegInt | None = None
+    connection_type: list[str] | None = None
+
+
+class Ack(msgspec.Struct):
+    id: Annotated[str, msgspec.Meta(max_length=64)]
+    status: AckStatus
+    detail: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+
+
+class Heartbeat(msgspec.Struct):
+    """A device's health report. Every field is optional; null means absent."""
+
+    ts: NonNegInt | None = None
+    firmware_version: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    battery_percent: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    storage_used_mb: NonNegInt | None = None
+    storage_total_mb: NonNegInt | None = None
+    signal_strength_dbm: Annotated[int, msgspec.Meta(ge=-150, le=0)] | None = None
+    recording_state: RecordingState | None = None
+    settings_version: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+    acks: Annotated[list[Ack], msgspec.Meta(max_length=MAX_ACKS)] | None = None
+
+
+class Command(msgspec.Struct):
+    id: str
+    type: str
+    params: dict[str, Any]
+    created_at: str
+    expires_at: str
+
+
+class CommandBatch(msgspec.Struct):
+    commands: list[Command]
+
+
+class SettingsPatch(msgspec.Struct):
+    version: int
+    base_version: int
+    patch: dict[str, Any]
+
+
+class SettingsFull(msgspec.Struct):
+    version: int
+    base_version: None
+    settings: dict[str, Any]
+
+
+SettingsUpdate = SettingsPatch | SettingsFull
+
+
+class DecodeError(ValueError):
+    """A device payload that cannot become a Heartbeat; ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_json_heartbeat = msgspec.json.Decoder(Heartbeat)
+_msgpack_heartbeat = msgspec.msgpack.Decoder(Heartbeat)
+_json_encoder = msgspec.json.Encoder()
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+_WHITESPACE = b" \t\r\n"
+
+
+def sniff_format(payload: bytes, content_type: str | None = None) -> str:
+    """JSON or MessagePack: the MQTT 5 content type if given, else the first byte.
+
+    A JSON heartbeat starts with ``{`` (after optional whitespace); a MessagePack map starts
+    with a fixmap (0x80-0x8f), map16 (0xde) or map32 (0xdf) marker.
+    """
+    if content_type:
+        if content_type.startswith(JSON):
+            return JSON
+        if content_type in (MSGPACK, "application/x-msgpack", "application/vnd.msgpack"):
+            return MSGPACK
+    first = payload.lstrip(_WHITESPACE)[:1]
+    if first in (b"{", b"["):
+        return JSON
+    return MSGPACK
+
+
+def decode_heartbeat(payload: bytes, content_type: str | None = None) -> Heartbeat:
+    """Decode one heartbeat, or raise DecodeError with a bounded ``reason``."""
+    if len(payload) > MAX_HEARTBEAT_BYTES:
+        raise DecodeError("too_large", f"payload of {len(payload)} bytes exceeds 64 KiB")
+    fmt = sniff_format(payload, content_type)
+    try:
+        if fmt == JSON:
+            return _json_heartbeat.decode(payload)
+        return _msgpack_heartbeat.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise DecodeError("invalid", str(exc)) from exc
+    except (msgspec.DecodeError, RecursionError) as exc:
+        # msgspec bounds its recursion: `[[[[...` 100,000 deep ends here, not in a crash.
+        raise DecodeError("malformed", str(exc)) from exc
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _json_encoder.encode(message)

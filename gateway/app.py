@@ -1,0 +1,106 @@
+"""The gateway process: opens resources in dependency order and runs the two paths."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+
+import structlog
+
+from gateway import metrics
+from gateway.config import Config
+from gateway.errors import StorageUnavailable
+from gateway.ingest import Ingest
+from gateway.mqtt import Edge, Publisher
+from gateway.rpc import Requests
+from gateway.storage import Storage
+
+log = structlog.get_logger("gateway.app")
+
+HEALTH_INTERVAL_SECONDS = 2.0
+SWEEP_INTERVAL_SECONDS = 5.0
+
+
+class Gateway:
+    """One gateway: storage, the MQTT edge, the heartbeat pipeline and request workers."""
+
+    def __init__(self, config: Config, storage: Storage) -> None:
+        self.config = config
+        self.storage = storage
+        self.publisher = Publisher()
+        self.ingest = Ingest(config, storage, self.publisher)
+        self.requests = Requests(config, storage, self.publisher)
+        self.edge = Edge(config, self.publisher, self.ingest.accept, self.requests.accept)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then stop intake and drain accepted work."""
+        host, port = self.config.metrics_endpoint
+        async with metrics.serve(host, port), asyncio.TaskGroup() as tasks:
+            edge = tasks.create_task(self.edge.run(), name="mqtt-edge")
+            writer = tasks.create_task(self.ingest.run(), name="heartbeat-writer")
+            workers = [
+                tasks.create_task(self.requests.worker(), name=f"request-worker-{n}")
+                for n in range(self.config.request_workers)
+            ]
+            background = [
+                tasks.create_task(self._watch_database(), name="database-health"),
+                tasks.create_task(self._sweep_commands(), name="command-sweep"),
+            ]
+            await stop.wait()
+            log.info("gateway.stopping")
+            deadline = time.monotonic() + self.config.drain_seconds
+            # Accepted requests and buffered heartbeats finish while the edge stays
+            # connected, so their replies and the heartbeats' acks still reach the broker.
+            await self.requests.drain(deadline)
+            for task in (*workers, *background):
+                task.cancel()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            await self.ingest.drain(deadline)
+            await self._flush_outgoing(deadline)
+            edge.cancel()
+        log.info("gateway.stopped")
+
+    async def _flush_outgoing(self, deadline: float) -> None:
+        while self.publisher.unacknowledged() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def _watch_database(self) -> None:
+        while True:
+            await self.storage.ping()
+            await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+
+    async def _sweep_commands(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+            try:
+                expired = await self.storage.expire_commands()
+            except StorageUnavailable:
+                continue
+            if expired:
+                metrics.COMMANDS_EXPIRED.inc(len(expired))
+                self.ingest.on_acked(expired)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+
+async def serve(config: Config) -> None:
+    """``gateway run``: fail fast if nothing is reachable at start, then run until a signal."""
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    async with Storage.open(
+        config.database_url,
+        timeout=config.db_timeout_seconds,
+        min_size=config.db_pool_min,
+        max_size=config.db_pool_max,
+    ) as storage:
+        gateway = Gateway(config, storage)
+        await gateway.edge.connect_once()
+        await gateway.run(stop)

@@ -1,0 +1,156 @@
+"""The gateway's configuration: one frozen object, built at the entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MqttEndpoint:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None = dataclasses.field(repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> MqttEndpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ConfigError(f"invalid port in MQTT URL {redact_url(url)!r}") from exc
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/gateway"
+    metrics_addr: str = "127.0.0.1:9108"
+    topic_prefix: str = ""
+    share_group: str | None = None
+    log_format: str = "json"
+    log_level: str = "info"
+    # A stable client id and a persistent session let the broker keep QoS 1 messages for
+    # the gateway while it reconnects. Empty: a random id and a clean session.
+    client_id: str = "gateway"
+    session_expiry_seconds: int = 3600
+    # Heartbeat pipeline.
+    batch_max: int = 2000
+    batch_wait_ms: float = 5.0
+    inbox_max: int = 200_000
+    # Request/reply.
+    request_workers: int = 64
+    request_queue_max: int = 4096
+    # Database.
+    db_pool_min: int = 2
+    db_pool_max: int = 12
+    db_timeout_seconds: float = 5.0
+    # Seconds to finish accepted work after SIGTERM before giving up.
+    drain_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        MqttEndpoint.parse(self.mqtt_url)
+        if not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("database URL must start with postgresql://")
+        self.metrics_endpoint  # noqa: B018 - validates the address
+        if self.log_format not in ("json", "console"):
+            raise ConfigError("log format must be json or console")
+        if self.share_group is not None and not _is_topic_level(self.share_group):
+            raise ConfigError("share group must be one topic level without wildcards")
+        if self.topic_prefix and ("+" in self.topic_prefix or "#" in self.topic_prefix):
+            raise ConfigError("topic prefix must not contain wildcards")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={_redacted(f.name, getattr(self, f.name))!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"Config({fields})"
+
+    @property
+    def mqtt(self) -> MqttEndpoint:
+        return MqttEndpoint.parse(self.mqtt_url)
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int]:
+        host, sep, port = self.metrics_addr.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"metrics address must be HOST:PORT, got {self.metrics_addr!r}")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    def topic(self, name: str) -> str:
+        """``name`` under the configured prefix (``acme`` + ``devices/x`` → ``acme/devices/x``)."""
+        if not self.topic_prefix:
+            return name
+        return f"{self.topic_prefix.rstrip('/')}/{name}"
+
+    def subscription(self, name: str) -> str:
+        topic = self.topic(name)
+        return f"$share/{self.share_group}/{topic}" if self.share_group else topic
+
+
+def _is_topic_level(value: str) -> bool:
+    return bool(value) and not any(c in value for c in "/+#")
+
+
+def _redacted(name: str, value: Any) -> Any:
+    if isinstance(value, str) and name.endswith("_url"):
+        return redact_url(value)
+    return value
+
+
+# Variables read from the environment; flags of the same name (dashes) override them.
+ENV_FIELDS: Mapping[str, str] = {
+    "GATEWAY_MQTT_URL": "mqtt_url",
+    "GATEWAY_DATABASE_URL": "database_url",
+    "GATEWAY_METRICS_ADDR": "metrics_addr",
+    "GATEWAY_TOPIC_PREFIX": "topic_prefix",
+    "GATEWAY_SHARE_GROUP": "share_group",
+    "GATEWAY_LOG_FORMAT": "log_format",
+    "GATEWAY_LOG_LEVEL": "log_level",
+    "GATEWAY_CLIENT_ID": "client_id",
+}
+
+
+def load(environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
+    """Build the Config from environment variables, then flags (flags win)."""
+    values: dict[str, Any] = {}
+    for variable, field in ENV_FIELDS.items():
+        if environ.get(variable):
+            values[field] = environ[variable]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.setdefault("log_format", "console" if sys.stderr.isatty() else "json")
+    return Config(**values)
+
+
+def from_os(overrides: Mapping[str, Any] | None = None) -> Config:
+    return load(os.environ, overrides or {})

@@ -1,0 +1,59 @@
+"""structlog configuration, done once at the entry point."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import structlog
+
+
+def configure(log_format: str = "json", level: str = "info") -> None:
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer()
+        if log_format == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+class RateLimitedLog:
+    """Lets at most ``burst`` events through per ``period`` seconds and counts the rest.
+
+    Rejected device messages can arrive by the thousand; their log lines must not fill a
+    disk. The number suppressed is reported on the next event that gets through.
+    """
+
+    def __init__(self, burst: int = 20, period: float = 10.0) -> None:
+        self.burst = burst
+        self.period = period
+        self._window_start = 0.0
+        self._count = 0
+        self._suppressed = 0
+
+    def allow(self) -> tuple[bool, int]:
+        """Whether to log now, and how many events were suppressed before this one."""
+        now = time.monotonic()
+        if now - self._window_start >= self.period:
+            self._window_start = now
+            self._count = 0
+        if self._count < self.burst:
+            self._count += 1
+            suppressed, self._suppressed = self._suppressed, 0
+            return True, suppressed
+        self._suppressed += 1
+        return False, 0

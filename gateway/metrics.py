@@ -1,0 +1,111 @@
+"""Prometheus metrics, declared once, and the /metrics and /healthz endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+log = structlog.get_logger("gateway.metrics")
+
+HEARTBEATS_RECEIVED = Counter(
+    "gateway_heartbeats_received_total", "Heartbeat messages received from the broker."
+)
+# Reasons: too_large, malformed, invalid, future_ts, unknown_device, deleted_device,
+# overflow (dropped because the inbox was full), bad_topic.
+HEARTBEATS_REJECTED = Counter(
+    "gateway_heartbeats_rejected_total", "Heartbeats rejected, by reason.", ["reason"]
+)
+HEARTBEATS_APPLIED = Counter(
+    "gateway_heartbeats_applied_total", "Heartbeats whose health was written."
+)
+HEARTBEATS_STALE = Counter(
+    "gateway_heartbeats_stale_total",
+    "Heartbeats not newer than the stored ts: health kept, acks processed.",
+)
+HEARTBEAT_LAG = Histogram(
+    "gateway_heartbeat_lag_seconds",
+    "From receiving a heartbeat to committing its batch.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+BATCH_SIZE = Histogram(
+    "gateway_heartbeat_batch_size",
+    "Heartbeats per database batch.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+)
+INBOX_DEPTH = Gauge("gateway_inbox_depth", "Messages received and not yet processed.")
+COMMANDS_DELIVERED = Counter(
+    "gateway_commands_delivered_total", "Commands published to devices (each delivery)."
+)
+SETTINGS_UPDATES_SENT = Counter(
+    "gateway_settings_updates_sent_total", "Settings updates published, by kind.", ["kind"]
+)
+REQUESTS = Counter(
+    "gateway_requests_total", "Requests answered, by route template and status.",
+    ["route", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "gateway_request_duration_seconds", "Request handling time, by route template.", ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+REQUESTS_DROPPED = Counter(
+    "gateway_requests_dropped_total",
+    "Requests dropped unanswered, by reason (no_reply_topic, bad_reply_topic, overflow).",
+    ["reason"],
+)
+MQTT_CONNECTED = Gauge("gateway_mqtt_connected", "1 while connected to the broker.")
+DATABASE_CONNECTED = Gauge("gateway_database_connected", "1 while PostgreSQL answers.")
+MQTT_RECONNECTS = Counter("gateway_mqtt_reconnects_total", "Broker connection attempts that failed.")
+PUBLISH_FAILURES = Counter(
+    "gateway_publish_failures_total", "Publishes that could not be handed to the broker."
+)
+COMMANDS_EXPIRED = Counter(
+    "gateway_commands_expired_total", "Commands moved to expired by the sweep."
+)
+
+
+def healthy() -> bool:
+    return bool(MQTT_CONNECTED._value.get()) and bool(DATABASE_CONNECTED._value.get())
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        request_line = await asyncio.wait_for(reader.readline(), timeout=5)
+        while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
+            pass
+        parts = request_line.decode("latin-1").split()
+        path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+        if path == "/metrics":
+            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+        elif path == "/healthz":
+            ok = healthy()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            ctype, body = "text/plain; charset=utf-8", b"ok\n" if ok else b"unavailable\n"
+        else:
+            status, ctype, body = "404 Not Found", "text/plain; charset=utf-8", b"not found\n"
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode() + body
+        )
+        await writer.drain()
+    except (TimeoutError, ConnectionError, UnicodeDecodeError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def serve(host: str, port: int) -> AsyncIterator[asyncio.Server]:
+    """Serve /metrics and /healthz until the context exits."""
+    server = await asyncio.start_server(_handle, host, port)
+    log.info("metrics.listening", host=host, port=port)
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,183 @@
+"""The MQTT edge: owns the broker connection, reconnects, and routes messages by topic.
+
+aiomqtt's ``async for message in client.messages`` costs a task and an ``asyncio.wait``
+per message and tops out near 8,000 msg/s on a small machine. Instead the edge hands
+aiomqtt a queue (``queue_type``) whose ``put_nowait`` routes each message straight to the
+heartbeat pipeline or the request workers, on the event loop thread, with no task per
+message. The message iterator then only serves to notice a disconnection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway import metrics
+from gateway.config import Config
+
+log = structlog.get_logger("gateway.mqtt")
+
+Handler = Callable[[aiomqtt.Message, float], None]
+
+
+class _RoutingQueue(asyncio.Queue[aiomqtt.Message]):
+    """The queue aiomqtt puts messages into; it routes them instead of storing them."""
+
+    route: Handler
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        self.route(item, time.time())
+
+
+class Publisher:
+    """The one place that publishes. QoS 1, non-blocking, bounded by paho's out queue.
+
+    aiomqtt's ``publish`` awaits each PUBACK; replies to thousands of heartbeats a second
+    would need a task each. The underlying paho client's ``publish`` queues the message and
+    returns at once; paho keeps unacknowledged QoS 1 messages and resends them after a
+    reconnect of the same session.
+    """
+
+    def __init__(self) -> None:
+        self._client: aiomqtt.Client | None = None
+        self.connected = False
+
+    def attach(self, client: aiomqtt.Client) -> None:
+        self._client = client
+
+    def unacknowledged(self) -> int:
+        """QoS 1 messages handed to paho and not yet acknowledged by the broker."""
+        if self._client is None:
+            return 0
+        return len(self._client._client._out_messages)
+
+    def publish(self, topic: str, payload: bytes, properties: Properties | None = None) -> bool:
+        if self._client is None:
+            metrics.PUBLISH_FAILURES.inc()
+            return False
+        paho_client: paho.Client = self._client._client
+        info = paho_client.publish(topic, payload, qos=1, properties=properties)
+        # NO_CONN still queues a QoS 1 message for the next connection of this session.
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            metrics.PUBLISH_FAILURES.inc()
+            return False
+        return True
+
+
+def reply_properties(correlation_data: bytes | None) -> Properties | None:
+    if correlation_data is None:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.CorrelationData = correlation_data
+    return properties
+
+
+class Edge:
+    """Connects, subscribes, and reconnects with capped, jittered backoff until stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        publisher: Publisher,
+        on_heartbeat: Handler,
+        on_request: Handler,
+    ) -> None:
+        self._config = config
+        self._publisher = publisher
+        self._heartbeat_topic = config.subscription("devices/+/heartbeat")
+        self._request_topic = config.subscription("api/v1/requests")
+        self._request_name = config.topic("api/v1/requests")
+        self._on_heartbeat = on_heartbeat
+        self._on_request = on_request
+        self.connected = asyncio.Event()
+        self._client = self._make_client()
+
+    def _route(self, message: aiomqtt.Message, received: float) -> None:
+        if message.topic.value == self._request_name:
+            self._on_request(message, received)
+        else:
+            self._on_heartbeat(message, received)
+
+    def _make_client(self) -> aiomqtt.Client:
+        endpoint = self._config.mqtt
+        queue = _RoutingQueue()
+        queue.route = self._route
+        persistent = bool(self._config.client_id)
+        connect_properties = Properties(PacketTypes.CONNECT)
+        if persistent:
+            connect_properties.SessionExpiryInterval = self._config.session_expiry_seconds
+        connect_properties.ReceiveMaximum = 65535
+        return aiomqtt.Client(
+            endpoint.host,
+            endpoint.port,
+            username=endpoint.username,
+            password=endpoint.password,
+            identifier=self._config.client_id or None,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            # A persistent session: the broker keeps QoS 1 messages while we reconnect.
+            clean_start=False if persistent else True,
+            properties=connect_properties,
+            queue_type=lambda maxsize: queue,  # type: ignore[arg-type,misc,return-value]
+            tls_context=ssl.create_default_context() if endpoint.tls else None,
+            max_inflight_messages=1000,
+            max_queued_outgoing_messages=100_000,
+            keepalive=30,
+            timeout=10,
+        )
+
+    async def connect_once(self) -> None:
+        """Connect once, or raise ``aiomqtt.MqttError`` (used to fail fast at start)."""
+        async with self._client:
+            pass
+
+    async def run(self, first_attempt_done: asyncio.Event | None = None) -> None:
+        """Stay connected until cancelled."""
+        delay = 0.5
+        while True:
+            try:
+                async with self._client as client:
+                    await client.subscribe(
+                        [(self._heartbeat_topic, 1), (self._request_topic, 1)]  # type: ignore[arg-type]
+                    )
+                    self._publisher.attach(client)
+                    metrics.MQTT_CONNECTED.set(1)
+                    self.connected.set()
+                    log.info("mqtt.connected", host=self._config.mqtt.host,
+                             port=self._config.mqtt.port)
+                    delay = 0.5
+                    # The routing queue never yields; iterating only waits for a disconnect.
+                    async for _ in client.messages:
+                        pass
+            except aiomqtt.MqttError as exc:
+                metrics.MQTT_CONNECTED.set(0)
+                metrics.MQTT_RECONNECTS.inc()
+                self.connected.clear()
+                wait = random.uniform(delay / 2, delay)
+                log.warning("mqtt.reconnecting", error=str(exc), in_seconds=round(wait, 2))
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 30.0)
+            finally:
+                metrics.MQTT_CONNECTED.set(0)
+                self.connected.clear()
+
+
+def message_properties(message: aiomqtt.Message) -> dict[str, Any]:
+    """The MQTT 5 properties the gateway reads: response topic, correlation data, type."""
+    props = message.properties
+    if props is None:
+        return {}
+    return {
+        "response_topic": getattr(props, "ResponseTopic", None),
+        "correlation_data": getattr(props, "CorrelationData", None),
+        "content_type": getattr(props, "ContentType", None),
+    }

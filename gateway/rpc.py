@@ -1,0 +1,170 @@
+"""Request/reply over MQTT: envelopes in, a bounded pool of workers, replies out.
+
+MQTT 5 callers name the reply topic in the Response Topic property (and may send
+Correlation Data, echoed back as a property); MQTT 3.1.1 callers put ``reply_to`` and
+``correlation_id`` in the envelope. Replies only ever go to topics under
+``api/v1/replies/`` (after the topic prefix) without wildcards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import structlog
+from gateway_codecs import api as wire
+
+from gateway import auth, metrics, routes
+from gateway.config import Config
+from gateway.errors import (
+    ApiError,
+    InternalError,
+    InvalidRequest,
+    StorageUnavailable,
+    Unavailable,
+)
+from gateway.mqtt import Publisher, message_properties, reply_properties
+from gateway.storage import Storage
+
+log = structlog.get_logger("gateway.rpc")
+
+
+@dataclass(slots=True)
+class Incoming:
+    payload: bytes
+    reply_to: str | None
+    correlation_data: bytes | None
+    received: float
+
+
+class Requests:
+    """Accepts request messages from the edge and answers them with a worker pool."""
+
+    def __init__(self, config: Config, storage: Storage, publisher: Publisher) -> None:
+        self._config = config
+        self._storage = storage
+        self._publisher = publisher
+        self._reply_prefix = config.topic(wire.REPLY_PREFIX)
+        self._queue: asyncio.Queue[Incoming] = asyncio.Queue(config.request_queue_max)
+        self._busy = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._queue.qsize() + self._busy
+
+    def accept(self, message: aiomqtt.Message, received: float) -> None:
+        props = message_properties(message)
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        incoming = Incoming(
+            payload, props.get("response_topic"), props.get("correlation_data"), received
+        )
+        try:
+            self._queue.put_nowait(incoming)
+        except asyncio.QueueFull:
+            metrics.REQUESTS_DROPPED.labels("overflow").inc()
+
+    async def worker(self) -> None:
+        while True:
+            incoming = await self._queue.get()
+            self._busy += 1
+            try:
+                # Shielded: a shutdown lets the request in hand finish and be answered.
+                await asyncio.shield(self.handle(incoming))
+            finally:
+                self._busy -= 1
+
+    async def drain(self, deadline: float) -> None:
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def _valid_reply_topic(self, topic: str) -> bool:
+        return (
+            topic.startswith(self._reply_prefix)
+            and len(topic) > len(self._reply_prefix)
+            and len(topic) <= 512
+            and not any(c in topic for c in "+#\x00")
+        )
+
+    async def handle(self, incoming: Incoming) -> None:
+        document: Any = None
+        correlation: str | int | None = None
+        reply_to = incoming.reply_to
+        if len(incoming.payload) <= wire.MAX_REQUEST_BYTES:
+            document, envelope_reply_to, correlation = wire.reply_fields(incoming.payload)
+            reply_to = reply_to or envelope_reply_to
+        if correlation is None and incoming.correlation_data is not None:
+            try:
+                correlation = incoming.correlation_data.decode()
+            except UnicodeDecodeError:
+                correlation = None
+        if reply_to is None:
+            metrics.REQUESTS_DROPPED.labels("no_reply_topic").inc()
+            return
+        if not self._valid_reply_topic(reply_to):
+            metrics.REQUESTS_DROPPED.labels("bad_reply_topic").inc()
+            log.warning("request.bad_reply_topic", reply_to=reply_to[:200])
+            return
+
+        started = time.perf_counter()
+        route = "unmatched"
+        structlog.contextvars.bind_contextvars(correlation_id=correlation)
+        try:
+            if len(incoming.payload) > wire.MAX_REQUEST_BYTES:
+                raise InvalidRequest(
+                    f"The request exceeds {wire.MAX_REQUEST_BYTES // 1024} KiB"
+                )
+            request = _parse(document)
+            route = routes.route_template(request.method, request.path)
+            structlog.contextvars.bind_contextvars(method=request.method, route=route)
+            status, body = await self._dispatch(request)
+        except ApiError as exc:
+            status, body = exc.status, _error_body(exc, document)
+        except StorageUnavailable:
+            exc_503 = Unavailable("The database is unavailable; retry later")
+            status, body = exc_503.status, _error_body(exc_503, document)
+        except Exception:
+            log.exception("request.failed")
+            exc_500 = InternalError("Internal error")
+            status, body = exc_500.status, _error_body(exc_500, document)
+        finally:
+            structlog.contextvars.clear_contextvars()
+        elapsed = time.perf_counter() - started
+        metrics.REQUESTS.labels(route, str(status)).inc()
+        metrics.REQUEST_DURATION.labels(route).observe(elapsed)
+        if status >= 500:
+            log.warning("request.answered", route=route, status=status)
+        payload = wire.encode_response(wire.Response(status, body, correlation))
+        self._publisher.publish(reply_to, payload, reply_properties(incoming.correlation_data))
+
+    async def _dispatch(self, request: wire.Request) -> tuple[int, Any]:
+        telemetron = request.path.startswith(routes.TELEMETRON_PREFIX)
+        try:
+            principal = await auth.authenticate(self._storage, request.headers)
+            route, params = routes.match(request.method, request.path)
+            auth.require(principal, route.scope)
+            return await route.handler(routes.Context(self._storage, request, params))
+        except routes.TelemetronError as exc:
+            return exc.status, {"success": False, "message": exc.message}
+        except ApiError as exc:
+            if telemetron:
+                return exc.status, {"success": False, "message": exc.message}
+            raise
+
+
+def _parse(document: Any) -> wire.Request:
+    if document is None:
+        raise InvalidRequest("The request is not valid JSON")
+    try:
+        return wire.parse_request(document)
+    except wire.EnvelopeError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def _error_body(exc: ApiError, document: Any) -> dict[str, Any]:
+    path = document.get("path") if isinstance(document, dict) else None
+    if isinstance(path, str) and path.startswith(routes.TELEMETRON_PREFIX):
+        return {"success": False, "message": exc.message}
+    return exc.body()

@@ -65,7 +65,7 @@ class Gateway:
         log.info("gateway.stopped")
 
     async def _flush_outgoing(self, deadline: float) -> None:
-        while self.publisher.unacknowledged() and time.monotonic() < deadline:
+        while self.publisher.unacknowledged() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls paho's state, which has no event
             await asyncio.sleep(0.02)
 
     async def _watch_database(self) -> None:

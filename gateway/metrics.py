@@ -58,7 +58,9 @@ REQUESTS_DROPPED = Counter(
 )
 MQTT_CONNECTED = Gauge("gateway_mqtt_connected", "1 while connected to the broker.")
 DATABASE_CONNECTED = Gauge("gateway_database_connected", "1 while PostgreSQL answers.")
-MQTT_RECONNECTS = Counter("gateway_mqtt_reconnects_total", "Broker connection attempts that failed.")
+MQTT_RECONNECTS = Counter(
+    "gateway_mqtt_reconnects_total", "Broker connection attempts that failed."
+)
 PUBLISH_FAILURES = Counter(
     "gateway_publish_failures_total", "Publishes that could not be handed to the broker."
 )

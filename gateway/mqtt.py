@@ -125,7 +125,7 @@ class Edge:
             identifier=self._config.client_id or None,
             protocol=aiomqtt.ProtocolVersion.V5,
             # A persistent session: the broker keeps QoS 1 messages while we reconnect.
-            clean_start=False if persistent else True,
+            clean_start=not persistent,
             properties=connect_properties,
             queue_type=lambda maxsize: queue,  # type: ignore[arg-type,misc,return-value]
             tls_context=ssl.create_default_context() if endpoint.tls else None,

@@ -77,7 +77,7 @@ class Requests:
                 self._busy -= 1
 
     async def drain(self, deadline: float) -> None:
-        while self.in_flight and time.monotonic() < deadline:
+        while self.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll at shutdown
             await asyncio.sleep(0.02)
 
     def _valid_reply_topic(self, topic: str) -> bool:

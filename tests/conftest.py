@@ -1,0 +1,307 @@
+"""Fixtures: a real PostgreSQL database and a real Mosquitto topic space per test.
+
+Each test gets its own database (cloned from a migrated template) and its own topic
+prefix, so tests run in any order against the shared local broker. Set
+``GATEWAY_TEST_PG`` / ``GATEWAY_TEST_MQTT`` to point them elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiomqtt
+import asyncpg
+import msgspec
+import pytest
+
+from gateway import auth, logs
+from gateway.app import Gateway
+from gateway.config import Config
+from gateway.storage import Storage, migrate
+
+PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+MQTT_URL = os.environ.get("GATEWAY_TEST_MQTT", "mqtt://127.0.0.1:1883")
+MQTT_HOST = MQTT_URL.removeprefix("mqtt://").split(":")[0]
+MQTT_PORT = int(MQTT_URL.rsplit(":", 1)[1])
+TEMPLATE = f"gw_test_template_{os.getpid()}"
+
+logs.configure("console", "warning")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _admin() -> asyncpg.Connection:
+    return await asyncpg.connect(f"{PG_ADMIN}/postgres")
+
+
+@pytest.fixture(scope="session")
+def template_database() -> Iterator[str]:
+    async def create() -> None:
+        conn = await _admin()
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+        finally:
+            await conn.close()
+        await migrate(f"{PG_ADMIN}/{TEMPLATE}")
+
+    async def drop() -> None:
+        conn = await _admin()
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    yield TEMPLATE
+    asyncio.run(drop())
+
+
+@pytest.fixture
+async def database_url(template_database: str) -> AsyncIterator[str]:
+    name = f"gw_test_{uuid.uuid4().hex[:12]}"
+    conn = await _admin()
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    finally:
+        await conn.close()
+    yield f"{PG_ADMIN}/{name}"
+    conn = await _admin()
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    return f"test/{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def config(database_url: str, topic_prefix: str) -> Config:
+    return Config(
+        mqtt_url=MQTT_URL,
+        database_url=database_url,
+        metrics_addr=f"127.0.0.1:{free_port()}",
+        topic_prefix=topic_prefix,
+        client_id=f"gw-test-{uuid.uuid4().hex[:10]}",
+        session_expiry_seconds=60,
+        log_format="console",
+        batch_wait_ms=2,
+        drain_seconds=5,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(config: Config) -> AsyncIterator[Gateway]:
+    """A gateway running in this event loop until the context exits."""
+    async with Storage.open(config.database_url, timeout=config.db_timeout_seconds) as storage:
+        gateway = Gateway(config, storage)
+        stop = asyncio.Event()
+        task = asyncio.create_task(gateway.run(stop), name="gateway-under-test")
+        connected = asyncio.create_task(gateway.edge.connected.wait())
+        done, _ = await asyncio.wait({task, connected}, timeout=10,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if connected not in done:
+            connected.cancel()
+            if task in done:
+                task.result()
+            raise RuntimeError("the gateway did not connect to the broker")
+        try:
+            yield gateway
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.fixture
+async def gateway(config: Config) -> AsyncIterator[Gateway]:
+    async with running_gateway(config) as gw:
+        yield gw
+
+
+async def create_key(database_url: str, *scopes: str) -> tuple[str, str]:
+    """(key id, secret) for a new API key with ``scopes``."""
+    key = auth.new_key()
+    async with Storage.open(database_url, min_size=1, max_size=1) as storage:
+        await storage.create_api_key(key.key_id, "test", key.key_hash, scopes)
+    return key.key_id, key.secret
+
+
+@pytest.fixture
+async def api_key(database_url: str) -> str:
+    return (await create_key(database_url, auth.READ, auth.WRITE))[1]
+
+
+class Caller:
+    """A backend service calling the gateway over MQTT request/reply."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, client: aiomqtt.Client, prefix: str, reply_topic: str, key: str | None,
+                 v5: bool) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.reply_topic = reply_topic
+        self.key = key
+        self.v5 = v5
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.unmatched: list[dict[str, Any]] = []
+
+    async def _read(self) -> None:
+        async for message in self.client.messages:
+            assert isinstance(message.payload, bytes)
+            reply = msgspec.json.decode(message.payload)
+            reply["_properties"] = message.properties
+            future = self._waiting.pop(str(reply.get("correlation_id")), None)
+            if future is not None and not future.done():
+                future.set_result(reply)
+            else:
+                self.unmatched.append(reply)
+
+    async def send(self, payload: bytes, correlation: str | None = None,
+                   properties: Any = None, timeout: float = 10) -> dict[str, Any]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if correlation is not None:
+            self._waiting[correlation] = future
+        await self.client.publish(f"{self.prefix}/api/v1/requests", payload, qos=1,
+                                  properties=properties)
+        return await asyncio.wait_for(future, timeout)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        key: str | None = "default",
+    ) -> tuple[int, Any]:
+        correlation = str(next(self._ids))
+        all_headers = dict(headers or {})
+        key = self.key if key == "default" else key
+        if key is not None and not any(h.lower() in ("authorization", "x-api-key")
+                                       for h in all_headers):
+            all_headers["authorization"] = f"Bearer {key}"
+        envelope: dict[str, Any] = {"method": method, "path": path, "headers": all_headers,
+                                    "reply_to": self.reply_topic,
+                                    "correlation_id": correlation}
+        if query:
+            envelope["query"] = query
+        if body is not None:
+            envelope["body"] = body
+        reply = await self.send(msgspec.json.encode(envelope), correlation)
+        return reply["status"], reply.get("body")
+
+
+@contextlib.asynccontextmanager
+async def caller(prefix: str, key: str | None, *, v5: bool = True) -> AsyncIterator[Caller]:
+    protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
+    reply_topic = f"{prefix}/api/v1/replies/{uuid.uuid4().hex[:8]}"
+    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, protocol=protocol) as client:
+        await client.subscribe(reply_topic, qos=1)
+        c = Caller(client, prefix, reply_topic, key, v5)
+        reader = asyncio.create_task(c._read())
+        try:
+            yield c
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await reader
+
+
+@pytest.fixture
+async def api(gateway: Gateway, topic_prefix: str, api_key: str) -> AsyncIterator[Caller]:
+    async with caller(topic_prefix, api_key) as c:
+        yield c
+
+
+class Device:
+    """A simulated device: publishes heartbeats, collects what the gateway sends it."""
+
+    def __init__(self, client: aiomqtt.Client, prefix: str, serial: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.serial = serial
+        self.commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.settings: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def _read(self) -> None:
+        async for message in self.client.messages:
+            assert isinstance(message.payload, bytes)
+            document = msgspec.json.decode(message.payload)
+            if message.topic.value.endswith("/commands"):
+                await self.commands.put(document)
+            else:
+                await self.settings.put(document)
+
+    async def heartbeat(self, payload: dict[str, Any] | bytes, *,
+                        msgpack: bool = False) -> None:
+        if isinstance(payload, dict):
+            data = msgspec.msgpack.encode(payload) if msgpack else msgspec.json.encode(payload)
+        else:
+            data = payload
+        await self.client.publish(f"{self.prefix}/devices/{self.serial}/heartbeat", data, qos=1)
+
+    @staticmethod
+    async def next(queue: asyncio.Queue[dict[str, Any]], timeout: float = 5) -> dict[str, Any]:
+        return await asyncio.wait_for(queue.get(), timeout)
+
+    @staticmethod
+    async def nothing(queue: asyncio.Queue[dict[str, Any]], wait: float = 0.5) -> bool:
+        """True when nothing arrives on ``queue`` within ``wait`` seconds."""
+        try:
+            await asyncio.wait_for(queue.get(), wait)
+        except TimeoutError:
+            return True
+        return False
+
+
+@contextlib.asynccontextmanager
+async def device(prefix: str, serial: str) -> AsyncIterator[Device]:
+    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT,
+                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.subscribe(f"{prefix}/devices/{serial}/commands", qos=1)
+        await client.subscribe(f"{prefix}/devices/{serial}/settings", qos=1)
+        d = Device(client, prefix, serial)
+        reader = asyncio.create_task(d._read())
+        try:
+            yield d
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await reader
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> Any:
+    """Poll an async or sync predicate until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test's database, for checking stored state."""
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()

@@ -77,7 +77,7 @@ class Publisher:
 def reply_properties(correlation_data: bytes | None) -> Properties | None:
     if correlation_data is None:
         return None
-    properties = Properties(PacketTypes.PUBLISH)
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     properties.CorrelationData = correlation_data
     return properties
 
@@ -113,7 +113,7 @@ class Edge:
         queue = _RoutingQueue()
         queue.route = self._route
         persistent = bool(self._config.client_id)
-        connect_properties = Properties(PacketTypes.CONNECT)
+        connect_properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if persistent:
             connect_properties.SessionExpiryInterval = self._config.session_expiry_seconds
         connect_properties.ReceiveMaximum = 65535
@@ -127,7 +127,7 @@ class Edge:
             # A persistent session: the broker keeps QoS 1 messages while we reconnect.
             clean_start=not persistent,
             properties=connect_properties,
-            queue_type=lambda maxsize: queue,  # type: ignore[arg-type,misc,return-value]
+            queue_type=lambda maxsize: queue,  # type: ignore[arg-type]
             tls_context=ssl.create_default_context() if endpoint.tls else None,
             max_inflight_messages=1000,
             max_queued_outgoing_messages=100_000,
@@ -147,7 +147,7 @@ class Edge:
             try:
                 async with self._client as client:
                     await client.subscribe(
-                        [(self._heartbeat_topic, 1), (self._request_topic, 1)]  # type: ignore[arg-type]
+                        [(self._heartbeat_topic, 1), (self._request_topic, 1)]
                     )
                     self._publisher.attach(client)
                     metrics.MQTT_CONNECTED.set(1)

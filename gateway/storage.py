@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -30,7 +30,7 @@ MAX_OPEN_COMMANDS = 50
 COMMANDS_PER_MESSAGE = 16
 OPEN = ("pending", "delivered")
 
-Record = asyncpg.Record
+Record: TypeAlias = asyncpg.Record
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
 _UNAVAILABLE = (
@@ -179,9 +179,9 @@ class Storage:
 
     async def list_api_keys(self) -> list[Record]:
         async with self._connection() as conn:
-            return await conn.fetch(
+            return list(await conn.fetch(
                 "SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at"
-            )
+            ))
 
     async def revoke_api_key(self, key_id: str) -> bool:
         async with self._connection() as conn:
@@ -539,11 +539,11 @@ class Storage:
     async def expire_commands(self) -> list[Record]:
         """Persist the expiry of open commands past ``expires_at``; returns what expired."""
         async with self._connection() as conn:
-            return await conn.fetch(
+            return list(await conn.fetch(
                 "UPDATE commands SET status = 'expired', completed_at = expires_at"
                 " WHERE status IN ('pending', 'delivered') AND expires_at <= now()"
                 " RETURNING id, device_id, type"
-            )
+            ))
 
     # ---- heartbeats -----------------------------------------------------------------
 

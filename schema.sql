@@ -84,10 +84,17 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at  timestamptz
 );
 
--- Per-device broker credentials (Mosquitto dynamic security): only a hash is kept.
+-- Per-device broker credentials (Mosquitto dynamic security): only a hash is kept
+-- (a 16-byte salt, then sha256(salt || password)). One row per device; issuing again
+-- replaces it. revoked_at: when revocation was decided (delete, factory reset);
+-- broker_revoked_at: when the broker confirmed it (NULL while it is still to be applied).
 CREATE TABLE IF NOT EXISTS device_credentials (
-    device_id      text        PRIMARY KEY REFERENCES devices (id),
-    password_hash  bytea       NOT NULL,
-    created_at     timestamptz NOT NULL DEFAULT now(),
-    revoked_at     timestamptz
+    device_id          text        PRIMARY KEY REFERENCES devices (id),
+    password_hash      bytea       NOT NULL,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    revoked_at         timestamptz,
+    broker_revoked_at  timestamptz
 );
+ALTER TABLE device_credentials ADD COLUMN IF NOT EXISTS broker_revoked_at timestamptz;
+CREATE INDEX IF NOT EXISTS device_credentials_unapplied_idx ON device_credentials (device_id)
+    WHERE revoked_at IS NOT NULL AND broker_revoked_at IS NULL;

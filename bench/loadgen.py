@@ -162,6 +162,7 @@ class _Conn(asyncio.Protocol):
         self.paused = False
 
     def data_received(self, data: bytes) -> None:
+        before = self.acked
         buf = self.buf + data if self.buf else data
         n = len(buf) >> 2
         end = n << 2
@@ -173,7 +174,8 @@ class _Conn(asyncio.Protocol):
             self.buf = buf[end:]
         else:
             self.buf = self._parse(buf)
-        self.last_ack_at = time.perf_counter()
+        if self.acked != before:
+            self.last_ack_at = time.perf_counter()
 
     def _parse(self, buf: bytes) -> bytes:
         """Generic packet walk; returns the incomplete tail."""
@@ -296,7 +298,7 @@ class LoadResult:
         return d
 
     def summary(self) -> str:
-        target = f"{self.target_rate:,.0f}/s" if self.target_rate else "max"
+        target = f"{self.target_rate:,.6g}/s" if self.target_rate else "max"
         return (
             f"loadgen: {self.devices:,} devices over {self.connections} connections, "
             f"target {target}\n"
@@ -432,17 +434,19 @@ class LoadGen:
         window = self.window
         tick = self.slice_seconds
         ping_after = self.keepalive / 2 if self.keepalive else float("inf")
-        # Split the total count (if any) and the rate evenly over the connections.
-        quota = [
-            count // c_count + (c.index < count % c_count) if count is not None else None
-            for c in conns
-        ]
-        conn_rate = rate / c_count if rate else None
+
+        def share(total: int, c: _Conn) -> int:
+            """Connection c's part of ``total`` when split as evenly as possible."""
+            return total // c_count + (c.index < total % c_count)
+
+        quota = [share(count, c) if count is not None else None for c in conns]
 
         cpu0 = _cpu_seconds()
         t0 = time.perf_counter()
         next_tick = t0
         send_end = t0
+        for c in conns:
+            c.last_write_at = t0  # CONNECT just went out
         while True:
             now = time.perf_counter()
             elapsed = now - t0
@@ -451,14 +455,16 @@ class LoadGen:
                     raise ConnectionError(f"connection {c.index} lost") from c.lost
             # Send everything due by the end of this tick, never past the duration; the
             # last pass (at or after the duration) tops up to exactly rate * duration.
+            # Being due is computed from elapsed time, so a late tick is caught up on.
             last_pass = duration is not None and elapsed >= duration
             horizon = elapsed + tick if duration is None else min(elapsed + tick, duration)
+            total_due = int(rate * horizon) if rate else None
             now_ms = time.time_ns() // 1_000_000
             finished = True
             for c, q in zip(conns, quota, strict=True):
-                if conn_rate is not None:
-                    due = int(conn_rate * horizon)
-                else:
+                if total_due is not None:
+                    due = share(total_due, c)
+                else:  # no rate: fill the window (but nothing more once time is up)
                     due = c.sent if last_pass else c.sent + window
                 if q is not None:
                     due = min(due, q)
@@ -466,12 +472,13 @@ class LoadGen:
                         finished = False
                 else:
                     finished = False
+                # The in-flight window: never more than `window` unacknowledged.
                 k = min(due - c.sent, window - (c.sent - c.acked))
                 if k > 0 and not c.paused:
                     c.write(c.build(k, now_ms), now)
                     c.sent += k
                     send_end = now
-                elif now - c.last_write_at > ping_after and c.last_write_at:
+                elif now - c.last_write_at > ping_after:
                     c.write(PINGREQ, now)
             if finished or last_pass:
                 break

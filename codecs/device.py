@@ -13,28 +13,32 @@ import msgspec
 MAX_HEARTBEAT_BYTES = 64 * 1024
 MAX_ACKS = 64
 
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# Integers and strings are bounded by what PostgreSQL can hold (bigint; text has no NUL):
+# a value the database would refuse must be rejected here, not fail a whole batch later.
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, msgspec.Meta(pattern=_NO_NUL)]
 AckStatus = Literal["succeeded", "failed", "rejected"]
 
 
 class RecordingState(msgspec.Struct, omit_defaults=True):
-    device_state: str | None = None
+    device_state: Text | None = None
     pending_recordings: NonNegInt | None = None
     flags: NonNegInt | None = None
-    connection_type: list[str] | None = None
+    connection_type: list[Text] | None = None
 
 
 class Ack(msgspec.Struct):
-    id: Annotated[str, msgspec.Meta(max_length=64)]
+    id: Annotated[str, msgspec.Meta(max_length=64, pattern=_NO_NUL)]
     status: AckStatus
-    detail: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+    detail: Annotated[str, msgspec.Meta(max_length=1024, pattern=_NO_NUL)] | None = None
 
 
 class Heartbeat(msgspec.Struct):
     """A device's health report. Every field is optional; null means absent."""
 
     ts: NonNegInt | None = None
-    firmware_version: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    firmware_version: Annotated[str, msgspec.Meta(max_length=64, pattern=_NO_NUL)] | None = None
     battery_percent: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
     storage_used_mb: NonNegInt | None = None
     storage_total_mb: NonNegInt | None = None
@@ -81,6 +85,9 @@ class DecodeError(ValueError):
 
 _json_heartbeat = msgspec.json.Decoder(Heartbeat)
 _msgpack_heartbeat = msgspec.msgpack.Decoder(Heartbeat)
+# Schema-less decoders, used only to tell a malformed payload from a mistyped one.
+_json_any = msgspec.json.Decoder()
+_msgpack_any = msgspec.msgpack.Decoder()
 _json_encoder = msgspec.json.Encoder()
 
 JSON = "application/json"
@@ -115,10 +122,28 @@ def decode_heartbeat(payload: bytes, content_type: str | None = None) -> Heartbe
             return _json_heartbeat.decode(payload)
         return _msgpack_heartbeat.decode(payload)
     except msgspec.ValidationError as exc:
-        raise DecodeError("invalid", str(exc)) from exc
-    except (msgspec.DecodeError, RecursionError) as exc:
+        reason = "invalid" if _well_formed(payload, fmt) else "malformed"
+        raise DecodeError(reason, str(exc)) from exc
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
         # msgspec bounds its recursion: `[[[[...` 100,000 deep ends here, not in a crash.
+        # Invalid UTF-8 in a string surfaces as UnicodeDecodeError.
         raise DecodeError("malformed", str(exc)) from exc
+
+
+def _well_formed(payload: bytes, fmt: str) -> bool:
+    """True when ``payload`` parses without a schema.
+
+    msgspec checks types while it parses, so a type error can be reported before the
+    parser reaches bytes that are not JSON or MessagePack at all (`[[[[...`, a truncated
+    object): only rejected payloads pay for this second parse.
+    """
+    try:
+        (_json_any if fmt == JSON else _msgpack_any).decode(payload)
+    except msgspec.ValidationError:
+        return True  # parsed, but e.g. a number beyond a double
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return False
+    return True
 
 
 def encode(message: msgspec.Struct) -> bytes:

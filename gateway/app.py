@@ -9,7 +9,7 @@ import time
 
 import structlog
 
-from gateway import metrics
+from gateway import dynsec, metrics
 from gateway.config import Config
 from gateway.errors import StorageUnavailable
 from gateway.ingest import Ingest
@@ -30,9 +30,17 @@ class Gateway:
         self.config = config
         self.storage = storage
         self.publisher = Publisher()
-        self.ingest = Ingest(config, storage, self.publisher)
-        self.requests = Requests(config, storage, self.publisher)
-        self.edge = Edge(config, self.publisher, self.ingest.accept, self.requests.accept)
+        # Device broker credentials, with Mosquitto's dynamic security plugin only.
+        self.control = dynsec.Control(self.publisher) if config.dynsec else None
+        self.access = (
+            dynsec.DeviceAccess(config, storage, self.control) if self.control else None
+        )
+        self.ingest = Ingest(config, storage, self.publisher, self.access)
+        self.requests = Requests(config, storage, self.publisher, self.access)
+        self.edge = Edge(config, self.publisher, self.ingest.accept, self.requests.accept,
+                         on_control=self.control.accept if self.control else None)
+        if self.control is not None:
+            self.control.connected = self.edge.connected
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then stop intake and drain accepted work."""
@@ -48,11 +56,19 @@ class Gateway:
                 tasks.create_task(self._watch_database(), name="database-health"),
                 tasks.create_task(self._sweep_commands(), name="command-sweep"),
             ]
+            if self.access is not None:
+                background.append(
+                    tasks.create_task(self.access.run(), name="credential-revocations")
+                )
             await stop.wait()
             log.info("gateway.stopping")
             deadline = time.monotonic() + self.config.drain_seconds
-            # Accepted requests and buffered heartbeats finish while the edge stays
-            # connected, so their replies and the heartbeats' acks still reach the broker.
+            # Intake stops first: what the broker delivers from now on is not acknowledged,
+            # so it stays in the persistent session for the next start instead of being
+            # accepted after the drain and lost. Accepted requests and buffered heartbeats
+            # then finish while the edge stays connected, so their replies and the
+            # heartbeats' acks still reach the broker.
+            self.edge.hold_intake()
             await self.requests.drain(deadline)
             for task in (*workers, *background):
                 task.cancel()
@@ -61,6 +77,10 @@ class Gateway:
                 await writer
             await self.ingest.drain(deadline)
             await self._flush_outgoing(deadline)
+            # What the drain could not finish by the deadline (all zero normally).
+            log.info("gateway.drained", requests_left=self.requests.in_flight,
+                     heartbeats_left=self.ingest.depth,
+                     publishes_unacknowledged=self.publisher.unacknowledged())
             edge.cancel()
         log.info("gateway.stopped")
 

@@ -55,7 +55,9 @@ def key_id_of(key: str) -> str | None:
     if not key.startswith(KEY_PREFIX):
         return None
     ident, sep, secret = key[len(KEY_PREFIX):].partition("_")
-    if not sep or not ident or not secret:
+    # Key ids are ASCII letters and digits; anything else (a NUL, which PostgreSQL cannot
+    # take as text, or megabytes of junk) is no key and never reaches the database.
+    if not sep or not secret or not (ident.isascii() and ident.isalnum() and len(ident) <= 64):
         return None
     return "key_" + ident
 

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--log-format", choices=("json", "console"))
     common.add_argument("--log-level", help="debug, info, warning, error")
     common.add_argument("--client-id", help="MQTT client id of the persistent session")
+    common.add_argument("--dynsec", action="store_true", default=None,
+                        help="issue device broker credentials with Mosquitto's dynamic "
+                             "security plugin (GATEWAY_DYNSEC=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("run", parents=[common], help="run the gateway until SIGINT/SIGTERM")
@@ -50,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 _CONFIG_FLAGS = (
     "mqtt_url", "database_url", "metrics_addr", "topic_prefix", "share_group", "log_format",
-    "log_level", "client_id",
+    "log_level", "client_id", "dynsec",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -26,7 +27,9 @@ class MqttEndpoint:
     def parse(cls, url: str) -> MqttEndpoint:
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise ConfigError(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
+            raise ConfigError(
+                f"MQTT URL must start with mqtt:// or mqtts://, got {redact_url(url)!r}"
+            )
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port or (8883 if tls else 1883)
@@ -41,13 +44,23 @@ class MqttEndpoint:
         )
 
 
+_QUERY_PASSWORD = re.compile(r"(?i)((?:^|&)password=)[^&]*")
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and error messages."""
+    """The URL with any password replaced, for logs and error messages.
+
+    Both places a URL can hold one: the user info, and a ``password=`` query parameter
+    (libpq and asyncpg read it).
+    """
     parts = urlsplit(url)
-    if parts.password is None:
+    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
+    if parts.password is None and query == parts.query:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}")
+    return parts._replace(query=query).geturl()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,6 +89,8 @@ class Config:
     db_timeout_seconds: float = 5.0
     # Seconds to finish accepted work after SIGTERM before giving up.
     drain_seconds: float = 10.0
+    # Per-device broker credentials through Mosquitto's dynamic security plugin.
+    dynsec: bool = False
 
     def __post_init__(self) -> None:
         MqttEndpoint.parse(self.mqtt_url)
@@ -138,7 +153,22 @@ ENV_FIELDS: Mapping[str, str] = {
     "GATEWAY_LOG_FORMAT": "log_format",
     "GATEWAY_LOG_LEVEL": "log_level",
     "GATEWAY_CLIENT_ID": "client_id",
+    "GATEWAY_DYNSEC": "dynsec",
 }
+
+_BOOLEAN_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(Config) if isinstance(f.default, bool)
+)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _boolean(variable: str, value: str) -> bool:
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ConfigError(f"{variable} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
 
 
 def load(environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
@@ -147,6 +177,8 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
     for variable, field in ENV_FIELDS.items():
         if environ.get(variable):
             values[field] = environ[variable]
+            if field in _BOOLEAN_FIELDS:
+                values[field] = _boolean(variable, environ[variable])
     values.update({k: v for k, v in overrides.items() if v is not None})
     values.setdefault("log_format", "console" if sys.stderr.isatty() else "json")
     return Config(**values)

@@ -13,6 +13,19 @@ class StorageUnavailable(GatewayError):
     """PostgreSQL cannot be reached or did not answer in time."""
 
 
+class DynsecUnavailable(GatewayError):
+    """The broker's dynamic security plugin cannot be reached or did not answer in time."""
+
+
+class DynsecRefused(GatewayError):
+    """The dynamic security plugin answered a command with an error."""
+
+    def __init__(self, command: str, error: str) -> None:
+        super().__init__(f"{command}: {error}")
+        self.command = command
+        self.error = error
+
+
 class ApiError(GatewayError):
     """An error answered to a request/reply caller in the Bota error shape."""
 

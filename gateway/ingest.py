@@ -28,6 +28,7 @@ from gateway_codecs import settings as settings_schema
 
 from gateway import metrics
 from gateway.config import Config
+from gateway.dynsec import DeviceAccess
 from gateway.errors import StorageUnavailable
 from gateway.logs import RateLimitedLog
 from gateway.mqtt import Publisher, message_properties
@@ -40,29 +41,40 @@ _HEALTH_FIELDS = (
     "firmware_version", "battery_percent", "storage_used_mb", "storage_total_mb",
     "signal_strength_dbm", "recording_state",
 )
+# What an applied heartbeat writes: health, and the settings version it reports.
+_WRITTEN_FIELDS = (*_HEALTH_FIELDS, "settings_version")
 _json = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
 class Pending:
     heartbeat: wire.Heartbeat
-    received: float
+    received: float  # becomes last_heartbeat_at
     extra_acks: list[wire.Ack] = field(default_factory=list)
+    # When this entry superseded older ones: the oldest one's receive time (for the lag).
+    first_received: float | None = None
 
     def supersedes(self, older: Pending) -> bool:
-        """True when applying self alone leaves the same health as older then self."""
+        """True when applying self alone leaves the same state as older then self."""
         new, old = self.heartbeat, older.heartbeat
         if new.ts is None or old.ts is None or new.ts <= old.ts:
             return False
         return all(
             getattr(new, name) is not None or getattr(old, name) is None
-            for name in _HEALTH_FIELDS
+            for name in _WRITTEN_FIELDS
         )
 
 
 class Ingest:
-    def __init__(self, config: Config, storage: Storage, publisher: Publisher) -> None:
+    def __init__(
+        self,
+        config: Config,
+        storage: Storage,
+        publisher: Publisher,
+        access: DeviceAccess | None = None,
+    ) -> None:
         self._config = config
+        self._access = access  # device broker credentials; None without dynamic security
         self._storage = storage
         self._publisher = publisher
         self._prefix = config.topic("devices/")
@@ -114,7 +126,7 @@ class Ingest:
         elif len(queue) == 1 and entry.supersedes(queue[0]):
             older = queue[0]
             entry.extra_acks = older.extra_acks + (older.heartbeat.acks or [])
-            entry.received = older.received
+            entry.first_received = older.first_received or older.received
             queue[0] = entry
         else:
             if self._count >= self._config.inbox_max:
@@ -190,12 +202,22 @@ class Ingest:
         metrics.BATCH_SIZE.observe(sum(len(q) for q in batch.values()))
         for queue in batch.values():
             for entry in queue:
-                metrics.HEARTBEAT_LAG.observe(committed - entry.received)
+                metrics.HEARTBEAT_LAG.observe(
+                    committed - (entry.first_received or entry.received)
+                )
         self._reply(outcomes)
         self.on_acked(acked)
 
     def on_acked(self, acked: Iterable[Any]) -> None:
-        """Hook for acknowledged commands (device credentials follow factory resets)."""
+        """Hook for acknowledged commands (device credentials follow factory resets).
+
+        Also called by the command sweep with expired commands. A finished factory_reset
+        revokes the device's broker credentials; the command could still reach it until now.
+        """
+        if self._access is not None:
+            self._access.revoke_later(
+                row["device_id"] for row in acked if row["type"] == "factory_reset"
+            )
 
     def _reply(self, outcomes: Iterable[Any]) -> None:
         replies: dict[str, Any] = {}
@@ -243,20 +265,21 @@ class Ingest:
 
 
 def _rounds(batch: dict[str, list[Pending]]) -> list[HeartbeatColumns]:
-    """Split a batch into rounds with one heartbeat per device each, oldest first.
+    """Split a batch into rounds with one heartbeat per device each, in arrival order.
 
     Nearly every batch is a single round; a device with several buffered heartbeats gets
-    them applied in ``ts`` order, exactly as if they had come one batch at a time.
+    them applied in the order they arrived, exactly as if they had come one batch at a
+    time: the ts guard then skips a late one just as it would have one batch later.
+    (Sorting by ts instead would apply a late heartbeat's fields that a newer one lacks.)
     """
     depth = max(len(queue) for queue in batch.values())
     rounds = []
     for index in range(depth):
-        columns = HeartbeatColumns([], [], [], [], [], [], [], [], [])
+        columns = HeartbeatColumns([], [], [], [], [], [], [], [], [], [])
         for serial, queue in batch.items():
-            if index == 0 and len(queue) > 1:
-                queue.sort(key=lambda entry: entry.heartbeat.ts or 0)
             if index < len(queue):
                 hb = queue[index].heartbeat
+                columns.received.append(queue[index].received)
                 columns.serials.append(serial)
                 columns.ts.append(hb.ts)
                 columns.firmware.append(hb.firmware_version)

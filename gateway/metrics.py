@@ -68,6 +68,24 @@ COMMANDS_EXPIRED = Counter(
     "gateway_commands_expired_total", "Commands moved to expired by the sweep."
 )
 
+DEVICE_CREDENTIALS_ISSUED = Counter(
+    "gateway_device_credentials_issued_total",
+    "Device broker credentials issued or rotated (dynamic security).",
+)
+DEVICE_CREDENTIALS_REVOKED = Counter(
+    "gateway_device_credentials_revoked_total",
+    "Device broker credentials revoked at the broker (delete, factory reset).",
+)
+# Reasons: unavailable (not connected or no answer), refused (an error answer),
+# bad_response (an undecodable message on the response topic).
+DYNSEC_ERRORS = Counter(
+    "gateway_dynsec_errors_total", "Failed dynamic security control calls, by reason.",
+    ["reason"],
+)
+REVOCATIONS_QUEUED = Gauge(
+    "gateway_revocations_queued", "Devices queued for a credentials revocation check."
+)
+
 
 def healthy() -> bool:
     return bool(MQTT_CONNECTED._value.get()) and bool(DATABASE_CONNECTED._value.get())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
+from gateway_codecs.dynsec import RESPONSE_TOPIC as CONTROL_RESPONSE_TOPIC
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -91,7 +93,10 @@ class Edge:
         publisher: Publisher,
         on_heartbeat: Handler,
         on_request: Handler,
+        on_control: Handler | None = None,
     ) -> None:
+        """``on_control`` receives the dynamic security plugin's responses; given only
+        when that plugin is in use (the edge then subscribes to its response topic)."""
         self._config = config
         self._publisher = publisher
         self._heartbeat_topic = config.subscription("devices/+/heartbeat")
@@ -99,11 +104,33 @@ class Edge:
         self._request_name = config.topic("api/v1/requests")
         self._on_heartbeat = on_heartbeat
         self._on_request = on_request
+        self._on_control = on_control
         self.connected = asyncio.Event()
+        self._intake = True
         self._client = self._make_client()
+        # The client object lives as long as the edge, so the publisher can take messages
+        # from the start: paho queues them until a connection is up, instead of a reply
+        # to a message that arrives before the SUBACK being dropped.
+        publisher.attach(self._client)
+
+    def hold_intake(self, hold: bool = True) -> None:
+        """Stop (or resume) taking messages. A message delivered while intake is held is
+        neither routed nor acknowledged, so the broker keeps it in the persistent session
+        and delivers it again on the next connection: nothing is accepted and then lost."""
+        self._intake = not hold
+        self._client._client.manual_ack_set(hold)
 
     def _route(self, message: aiomqtt.Message, received: float) -> None:
-        if message.topic.value == self._request_name:
+        topic = message.topic.value
+        if topic == CONTROL_RESPONSE_TOPIC and self._on_control is not None:
+            # Answers to this process's own calls are taken even while intake is held:
+            # a request being drained may be waiting for one.
+            self._on_control(message, received)
+            if not self._intake:
+                self._client._client.ack(message.mid, message.qos)
+        elif not self._intake:
+            return
+        elif topic == self._request_name:
             self._on_request(message, received)
         else:
             self._on_heartbeat(message, received)
@@ -133,12 +160,24 @@ class Edge:
             max_queued_outgoing_messages=100_000,
             keepalive=30,
             timeout=10,
+            # Without TCP_NODELAY, Nagle holds a reply back behind the PUBACK of its
+            # request until the broker's delayed ACK (~40 ms on Linux) on every request.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
 
     async def connect_once(self) -> None:
-        """Connect once, or raise ``aiomqtt.MqttError`` (used to fail fast at start)."""
-        async with self._client:
-            pass
+        """Connect once, or raise ``aiomqtt.MqttError`` (used to fail fast at start).
+
+        A persistent session starts delivering what it queued at once; intake is held
+        meanwhile so those messages wait for `run`'s connection instead of being acked
+        here and handled twice (or answered before the publisher is connected).
+        """
+        self.hold_intake()
+        try:
+            async with self._client:
+                pass
+        finally:
+            self.hold_intake(False)
 
     async def run(self, first_attempt_done: asyncio.Event | None = None) -> None:
         """Stay connected until cancelled."""
@@ -146,9 +185,15 @@ class Edge:
         while True:
             try:
                 async with self._client as client:
-                    await client.subscribe(
-                        [(self._heartbeat_topic, 1), (self._request_topic, 1)]
-                    )
+                    topics = [(self._heartbeat_topic, 1), (self._request_topic, 1)]
+                    if self._on_control is not None:
+                        # Not shared: each gateway process awaits its own answers.
+                        topics.append((CONTROL_RESPONSE_TOPIC, 1))
+                    granted = await client.subscribe(topics)
+                    for (topic, _), code in zip(topics, granted, strict=False):
+                        if getattr(code, "is_failure", False):
+                            # The broker's ACLs refuse it (dynamic security roles).
+                            log.error("mqtt.subscribe_refused", topic=topic, reason=str(code))
                     self._publisher.attach(client)
                     metrics.MQTT_CONNECTED.set(1)
                     self.connected.set()

@@ -15,17 +15,27 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+import structlog
 from gateway_codecs import settings as settings_schema
 from gateway_codecs.api import Request
 
 from gateway import auth
+from gateway.dynsec import DeviceAccess
 from gateway.errors import (
+    Conflict,
+    DynsecRefused,
+    DynsecUnavailable,
+    InternalError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    Unavailable,
     ValidationFailed,
 )
 from gateway.storage import Record, Storage
+
+log = structlog.get_logger("gateway.routes")
 
 SERIAL_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 COMMAND_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -112,6 +122,28 @@ def list_view(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 # ---- body checks ------------------------------------------------------------------------
 
 
+NUL_RULE = "Must not contain the NUL character (U+0000)"
+
+
+def holds_nul(value: Any) -> bool:
+    """Whether a JSON value has U+0000 in a key or string, which PostgreSQL cannot store.
+
+    Iterative, so that a deeply nested document cannot exhaust the stack.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class Fields:
     """Reads fields from a JSON object, collecting every error before raising."""
 
@@ -146,7 +178,7 @@ class Fields:
             return None
         if not isinstance(value, str):
             self.error(name, "Must be a string")
-        elif pattern is not None and not pattern.match(value):
+        elif pattern is not None and not pattern.fullmatch(value):
             self.error(name, rule or f"Must match {pattern.pattern}")
         elif not value or len(value) > max_length or "\x00" in value:
             self.error(name, f"Must be 1 to {max_length} characters")
@@ -158,6 +190,9 @@ class Fields:
         value = self.body.get(name)
         if value is not None and not isinstance(value, dict):
             self.error(name, "Must be an object")
+            return None
+        if value is not None and holds_nul(value):
+            self.error(name, NUL_RULE)
             return None
         return value
 
@@ -180,10 +215,16 @@ class Fields:
 
 def _query_limit(query: Mapping[str, str], errors: Fields) -> int:
     raw = query.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+    # isdigit() alone accepts "²" and "٣", which int() rejects, and int() refuses very
+    # long digit strings: both would be a 500.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 3) or not 1 <= int(raw) <= 100:
         errors.error("limit", "Must be an integer between 1 and 100")
         return 20
     return int(raw)
+
+
+def _json_text(value: Any) -> bytes:
+    return msgspec.json.encode(value, order="sorted")
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -198,6 +239,8 @@ class Context:
     storage: Storage
     request: Request
     params: Mapping[str, str]
+    # Device broker credentials; None when the broker's dynamic security is not in use.
+    access: DeviceAccess | None = None
 
     @property
     def id(self) -> str:
@@ -235,6 +278,10 @@ async def list_devices(ctx: Context) -> Result:
     serial = query.get("serial_number")
     end_user = query.get("end_user_id")
     after = query.get("starting_after")
+    for name, value in (("serial_number", serial), ("end_user_id", end_user),
+                        ("starting_after", after)):
+        if value is not None and "\x00" in value:
+            f.error(name, NUL_RULE)
     f.check("Invalid query")
     rows, has_more = await ctx.storage.list_devices(
         limit, after, None if status is None else status == "bound", end_user, serial
@@ -253,16 +300,25 @@ async def patch_device(ctx: Context) -> Result:
     metadata_patch = f.body.get("metadata")
     if metadata_patch is not None and not isinstance(metadata_patch, dict):
         f.error("metadata", "Must be an object or null")
+    elif metadata_patch is not None and holds_nul(metadata_patch):
+        f.error("metadata", NUL_RULE)
     f.check("Invalid device")
+    # A merge patch: an explicit null clears the field.
+    clear_firmware = "firmware_version" in f.body and f.body["firmware_version"] is None
 
     def change(row: Record) -> tuple[str | None, dict[str, Any] | None] | None:
         new_firmware = firmware if firmware is not None else row["firmware_version"]
+        if clear_firmware:
+            new_firmware = None
         metadata = row["metadata"]
         if has_metadata:
             metadata = (
                 None if metadata_patch is None else _merge_patch(metadata or {}, metadata_patch)
             )
-        if new_firmware == row["firmware_version"] and metadata == row["metadata"]:
+        # Compared as JSON text: in Python True == 1, so {"a": true} would not replace {"a": 1}.
+        if new_firmware == row["firmware_version"] and _json_text(metadata) == _json_text(
+            row["metadata"]
+        ):
             return None
         return new_firmware, metadata
 
@@ -271,6 +327,9 @@ async def patch_device(ctx: Context) -> Result:
 
 async def delete_device(ctx: Context) -> Result:
     await ctx.storage.delete_device(ctx.id)
+    if ctx.access is not None:
+        # The delete recorded the revocation; the broker now drops the device's sessions.
+        await ctx.access.revoke_now(ctx.id)
     return 200, {"id": ctx.id, "object": "device", "deleted": True}
 
 
@@ -299,12 +358,38 @@ async def reset_device(ctx: Context) -> Result:
     return 200, device_view(row)
 
 
+async def issue_credentials(ctx: Context) -> Result:
+    """Issue (or rotate) the device's broker password; it is in this reply only."""
+    Fields(ctx.request.body, ()).check()
+    if ctx.access is None:
+        raise Conflict(
+            "Device credentials need the broker's dynamic security (GATEWAY_DYNSEC=1)"
+        )
+    try:
+        issued = await ctx.access.issue(ctx.id)
+    except DynsecUnavailable as exc:
+        raise Unavailable("The broker's dynamic security did not answer; retry later") from exc
+    except DynsecRefused as exc:
+        log.error("credentials.refused", command=exc.command, error=exc.error)
+        raise InternalError("The broker refused the credentials change") from exc
+    return 201, {
+        "object": "device_credentials",
+        "device_id": issued.device_id,
+        "username": issued.serial,
+        "password": issued.password,
+        "created_at": iso(issued.created_at),
+        "rotated": issued.rotated,
+        "topics": issued.topics,
+    }
+
+
 def _if_match(request: Request) -> int | None:
     raw = request.headers.get("if-match")
     if raw is None:
         return None
     value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
+    # ASCII digits only, and few enough for int() (versions are 32-bit in the database).
+    if not (value.isascii() and value.isdigit() and len(value) <= 10):
         raise ValidationFailed(
             "Invalid if-match header",
             [{"field": "if-match", "error": "Must be a settings version number"}],
@@ -320,12 +405,20 @@ async def get_settings(ctx: Context) -> Result:
     return 200, settings_view(await ctx.storage.get_settings(ctx.id), applied=True)
 
 
+def _settings_body(request: Request) -> dict[str, Any]:
+    """The body of a settings write: an object (like every other route's), {} when absent."""
+    if request.body is None:
+        return {}
+    if not isinstance(request.body, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    return request.body
+
+
 async def put_settings(ctx: Context) -> Result:
     if_match = _if_match(ctx.request)
+    body = _settings_body(ctx.request)
     try:
-        document = settings_schema.replace(
-            {} if ctx.request.body is None else ctx.request.body
-        )
+        document = settings_schema.replace(body)
     except settings_schema.SettingsError as exc:
         raise _settings_error(exc) from exc
     row = await ctx.storage.write_settings(ctx.id, if_match, lambda _current: document)
@@ -334,7 +427,7 @@ async def put_settings(ctx: Context) -> Result:
 
 async def patch_settings(ctx: Context) -> Result:
     if_match = _if_match(ctx.request)
-    body = {} if ctx.request.body is None else ctx.request.body
+    body = _settings_body(ctx.request)
     try:  # validate before touching the database; the merge runs under the row lock
         settings_schema.patch(settings_schema.defaults(), body)
     except settings_schema.SettingsError as exc:
@@ -407,7 +500,7 @@ async def telemetron_upsert(ctx: Context) -> Result:
     properties = body.get("properties")
     if not isinstance(identifier, str) or not identifier:
         raise TelemetronError(400, "identifier is required and must be a non-empty string")
-    if not SERIAL_RE.match(identifier):
+    if not SERIAL_RE.fullmatch(identifier):
         raise TelemetronError(400, f"identifier: {SERIAL_RULE}")
     if device_type is not None and (
         not isinstance(device_type, str) or not 1 <= len(device_type) <= 64
@@ -415,6 +508,8 @@ async def telemetron_upsert(ctx: Context) -> Result:
         raise TelemetronError(400, "type must be a string of 1 to 64 characters")
     if properties is not None and not isinstance(properties, dict):
         raise TelemetronError(400, "properties must be an object")
+    if properties is not None and holds_nul(properties):
+        raise TelemetronError(400, f"properties: {NUL_RULE}")
     row, created = await ctx.storage.upsert_device(
         new_id("dev_"), identifier, device_type, properties, settings_schema.defaults()
     )
@@ -450,6 +545,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/devices/{id}/bind", auth.WRITE, bind_device),
     Route("POST", "/v1/devices/{id}/unbind", auth.WRITE, unbind_device),
     Route("POST", "/v1/devices/{id}/reset", auth.WRITE, reset_device),
+    Route("POST", "/v1/devices/{id}/credentials", auth.WRITE, issue_credentials),
     Route("GET", "/v1/devices/{id}/settings", auth.READ, get_settings),
     Route("PUT", "/v1/devices/{id}/settings", auth.WRITE, put_settings),
     Route("PATCH", "/v1/devices/{id}/settings", auth.WRITE, patch_settings),
@@ -494,7 +590,7 @@ def _match_template(template: str, segments: list[str]) -> dict[str, str] | None
     params: dict[str, str] = {}
     for part, segment in zip(parts, segments, strict=True):
         if part.startswith("{"):
-            if not ID_RE.match(segment):
+            if not ID_RE.fullmatch(segment):
                 return None
             params[part[1:-1]] = segment
         elif part != segment:

@@ -19,6 +19,7 @@ from gateway_codecs import api as wire
 
 from gateway import auth, metrics, routes
 from gateway.config import Config
+from gateway.dynsec import DeviceAccess
 from gateway.errors import (
     ApiError,
     InternalError,
@@ -30,6 +31,10 @@ from gateway.mqtt import Publisher, message_properties, reply_properties
 from gateway.storage import Storage
 
 log = structlog.get_logger("gateway.rpc")
+
+# An envelope over MAX_REQUEST_BYTES is still read up to this size for its reply topic, so
+# that an MQTT 3.1.1 caller gets its 400 instead of silence; larger ones are dropped.
+REPLY_SCAN_BYTES = 16 * wire.MAX_REQUEST_BYTES
 
 
 @dataclass(slots=True)
@@ -43,8 +48,15 @@ class Incoming:
 class Requests:
     """Accepts request messages from the edge and answers them with a worker pool."""
 
-    def __init__(self, config: Config, storage: Storage, publisher: Publisher) -> None:
+    def __init__(
+        self,
+        config: Config,
+        storage: Storage,
+        publisher: Publisher,
+        access: DeviceAccess | None = None,
+    ) -> None:
         self._config = config
+        self._access = access  # device broker credentials; None without dynamic security
         self._storage = storage
         self._publisher = publisher
         self._reply_prefix = config.topic(wire.REPLY_PREFIX)
@@ -92,7 +104,7 @@ class Requests:
         document: Any = None
         correlation: str | int | None = None
         reply_to = incoming.reply_to
-        if len(incoming.payload) <= wire.MAX_REQUEST_BYTES:
+        if len(incoming.payload) <= REPLY_SCAN_BYTES:
             document, envelope_reply_to, correlation = wire.reply_fields(incoming.payload)
             reply_to = reply_to or envelope_reply_to
         if correlation is None and incoming.correlation_data is not None:
@@ -145,7 +157,7 @@ class Requests:
             principal = await auth.authenticate(self._storage, request.headers)
             route, params = routes.match(request.method, request.path)
             auth.require(principal, route.scope)
-            return await route.handler(routes.Context(self._storage, request, params))
+            return await route.handler(routes.Context(self._storage, request, params, self._access))
         except routes.TelemetronError as exc:
             return exc.status, {"success": False, "message": exc.message}
         except ApiError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -76,6 +76,40 @@ _DEVICE_SELECT = """
     FROM devices d JOIN device_settings s ON s.device_id = d.id
 """
 
+# Serialises issuing and revoking one device's credentials across gateway processes.
+_CREDENTIALS_LOCK_SQL = (
+    "SELECT pg_advisory_xact_lock(hashtextextended('device_credentials:' || $1::text, 0))"
+)
+
+_ISSUE_CREDENTIALS_SQL = """
+WITH previous AS (
+    SELECT revoked_at IS NULL AS live FROM device_credentials WHERE device_id = $1
+)
+INSERT INTO device_credentials (device_id, password_hash) VALUES ($1, $2)
+ON CONFLICT (device_id) DO UPDATE SET
+    password_hash = EXCLUDED.password_hash, created_at = now(),
+    revoked_at = NULL, broker_revoked_at = NULL
+RETURNING $3::text AS serial_number, created_at,
+          COALESCE((SELECT live FROM previous), false) AS rotated
+"""
+
+# Live credentials of a deleted device, or of a device whose factory_reset finished
+# (acknowledged, or expired, even before the sweep persisted it) after they were issued.
+# A canceled factory_reset revokes nothing.
+_REVOKE_DUE_SQL = """
+UPDATE device_credentials dc SET revoked_at = now()
+FROM devices d
+WHERE d.id = dc.device_id AND dc.revoked_at IS NULL
+  AND ($1::text[] IS NULL OR dc.device_id = ANY($1::text[]))
+  AND (d.deleted_at IS NOT NULL OR EXISTS (
+      SELECT 1 FROM commands c
+      WHERE c.device_id = dc.device_id AND c.type = 'factory_reset'
+        AND CASE WHEN c.status IN ('pending', 'delivered')
+                     THEN c.expires_at <= now() AND c.expires_at >= dc.created_at
+                 WHEN c.status = 'canceled' THEN false
+                 ELSE c.completed_at >= dc.created_at END))
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatColumns:
@@ -90,6 +124,7 @@ class HeartbeatColumns:
     signal: list[int | None]
     recording_state: list[str | None]  # JSON text
     settings_version: list[int | None]
+    received: list[float]  # gateway receive time, epoch seconds: last_heartbeat_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +227,71 @@ class Storage:
             if status == "UPDATE 1":
                 return True
             return await conn.fetchval("SELECT true FROM api_keys WHERE id = $1", key_id) is True
+
+    # ---- device credentials (broker access) -----------------------------------------
+
+    async def issue_device_credentials(
+        self, device_id: str, password_hash: bytes, apply: Callable[[str], Awaitable[None]]
+    ) -> Record:
+        """Store new credentials for a live device once ``await apply(serial)`` has set them
+        at the broker; if it raises, nothing is stored.
+
+        Holds the device's credentials lock, so issuing and revoking never interleave.
+        Returns serial_number, created_at and rotated (live credentials were replaced).
+        """
+        async with self._transaction() as conn:
+            await conn.execute(_CREDENTIALS_LOCK_SQL, device_id)
+            serial = _found(
+                await conn.fetchval(
+                    "SELECT serial_number FROM devices WHERE id = $1 AND deleted_at IS NULL",
+                    device_id,
+                )
+            )
+            await apply(serial)
+            return await conn.fetchrow(_ISSUE_CREDENTIALS_SQL, device_id, password_hash, serial)
+
+    async def due_credential_revocations(self, device_ids: Sequence[str] | None) -> list[str]:
+        """Record the revocations now due, and return the devices (all when ``device_ids``
+        is None) whose revocation the broker has not applied yet.
+
+        Due: the device is deleted, or a factory_reset of it was acknowledged or expired
+        after its credentials were issued.
+        """
+        ids = None if device_ids is None else list(device_ids)
+        async with self._transaction() as conn:
+            await conn.execute(_REVOKE_DUE_SQL, ids)
+            rows = await conn.fetch(
+                "SELECT device_id FROM device_credentials"
+                " WHERE revoked_at IS NOT NULL AND broker_revoked_at IS NULL"
+                "   AND ($1::text[] IS NULL OR device_id = ANY($1::text[]))"
+                " ORDER BY revoked_at",
+                ids,
+            )
+        return [row["device_id"] for row in rows]
+
+    async def apply_credentials_revocation(
+        self, device_id: str, apply: Callable[[str], Awaitable[None]]
+    ) -> bool:
+        """If the device's revocation is recorded and not yet applied, ``await apply(serial)``
+        and mark it applied; under the credentials lock. False when there was nothing to do.
+        """
+        async with self._transaction() as conn:
+            await conn.execute(_CREDENTIALS_LOCK_SQL, device_id)
+            serial = await conn.fetchval(
+                "SELECT d.serial_number FROM device_credentials c"
+                " JOIN devices d ON d.id = c.device_id"
+                " WHERE c.device_id = $1 AND c.revoked_at IS NOT NULL"
+                "   AND c.broker_revoked_at IS NULL",
+                device_id,
+            )
+            if serial is None:
+                return False
+            await apply(serial)
+            await conn.execute(
+                "UPDATE device_credentials SET broker_revoked_at = now() WHERE device_id = $1",
+                device_id,
+            )
+            return True
 
     # ---- devices --------------------------------------------------------------------
 
@@ -309,8 +409,10 @@ class Storage:
 
     async def delete_device(self, device_id: str) -> None:
         async with self._transaction() as conn:
+            # updated_at is left alone, here and in restore: a restored device reads
+            # exactly as it did before the delete.
             deleted = await conn.fetchval(
-                "UPDATE devices SET deleted_at = now(), updated_at = now()"
+                "UPDATE devices SET deleted_at = now()"
                 " WHERE id = $1 AND deleted_at IS NULL RETURNING id",
                 device_id,
             )
@@ -327,7 +429,7 @@ class Storage:
                 await conn.fetchrow("SELECT serial_number FROM devices WHERE id = $1", device_id)
             )
             await conn.execute(
-                "UPDATE devices SET deleted_at = NULL, updated_at = now()"
+                "UPDATE devices SET deleted_at = NULL"
                 " WHERE id = $1 AND deleted_at IS NOT NULL",
                 device_id,
             )
@@ -570,7 +672,7 @@ class Storage:
                         _HEARTBEAT_SQL,
                         columns.serials, columns.ts, columns.firmware, columns.battery,
                         columns.storage_used, columns.storage_total, columns.signal,
-                        columns.recording_state, columns.settings_version,
+                        columns.recording_state, columns.settings_version, columns.received,
                     )
                 )
         return outcomes, acked
@@ -652,8 +754,8 @@ RETURNING c.id, c.device_id, c.type, c.status
 _HEARTBEAT_SQL = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
-                         $6::bigint[], $7::smallint[], $8::text[], $9::int[])
-        AS t(serial, ts, firmware, battery, used, total, signal, rec, sv)
+                         $6::bigint[], $7::smallint[], $8::text[], $9::int[], $10::float8[])
+        AS t(serial, ts, firmware, battery, used, total, signal, rec, sv, received)
 ), upd AS (
     UPDATE devices d SET
         last_ts = COALESCE(i.ts, d.last_ts),
@@ -663,7 +765,7 @@ WITH input AS (
         storage_total_mb = COALESCE(i.total, d.storage_total_mb),
         signal_strength_dbm = COALESCE(i.signal, d.signal_strength_dbm),
         recording_state = COALESCE(i.rec::jsonb, d.recording_state),
-        last_heartbeat_at = now()
+        last_heartbeat_at = to_timestamp(i.received)
     FROM input i
     WHERE d.serial_number = i.serial AND d.deleted_at IS NULL
       AND (i.ts IS NULL OR d.last_ts IS NULL OR i.ts > d.last_ts)
@@ -679,8 +781,11 @@ WITH input AS (
         ORDER BY c.seq LIMIT 16
     ) o
 ), sent AS (
+    -- The status test is not redundant with `due`: when a cancel (or the expiry sweep)
+    -- commits while this waits for the row lock, PostgreSQL re-checks only this WHERE
+    -- against the new row, and a terminal command must stay terminal and unsent.
     UPDATE commands c SET status = 'delivered', attempts = c.attempts + 1, delivered_at = now()
-    FROM due WHERE c.id = due.id
+    FROM due WHERE c.id = due.id AND c.status IN ('pending', 'delivered')
     RETURNING c.device_id, c.seq, c.id, c.type, c.params, c.created_at, c.expires_at
 ), sent_by_device AS (
     SELECT device_id, json_agg(json_build_object(

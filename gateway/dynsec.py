@@ -1,0 +1,305 @@
+"""Per-device broker access through Mosquitto's dynamic security plugin.
+
+``Control`` speaks the plugin's control API over the gateway's own MQTT connection:
+a batch of commands published to ``$CONTROL/dynamic-security/v1``, answers matched by each
+command's ``correlationData`` on ``.../v1/response``.
+
+``DeviceAccess`` is the policy. Issuing credentials gives the device a broker client
+(username = serial) with one role of its own that may publish only its heartbeat topic and
+subscribe only to its commands and settings topics; calling it again rotates the password
+(the broker drops sessions logged in with the old one). Revocation deletes the client and
+its role, which disconnects the device at once. It is decided in PostgreSQL (a deleted
+device; a ``factory_reset`` that the device acknowledged or that expired after the
+credentials were issued) and applied to the broker here: at once on delete, from the ack
+and expiry hooks, and by a reconciling pass that retries until the broker confirms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import secrets
+import uuid
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import aiomqtt
+import msgspec
+import structlog
+from gateway_codecs import dynsec as wire
+
+from gateway import metrics
+from gateway.config import Config
+from gateway.errors import Conflict, DynsecRefused, DynsecUnavailable, StorageUnavailable
+from gateway.logs import RateLimitedLog
+from gateway.mqtt import Publisher
+from gateway.storage import Storage
+
+log = structlog.get_logger("gateway.dynsec")
+
+REQUEST_TIMEOUT_SECONDS = 5.0
+# A full pass over pending revocations runs this often even when nothing asks for one.
+RECONCILE_INTERVAL_SECONDS = 30.0
+RETRY_MAX_SECONDS = 30.0
+# Device ids queued for a targeted revocation pass; past this a full pass is run instead.
+DUE_MAX = 10_000
+ROLE_PREFIX = "gateway-device:"
+# Marks the broker clients the gateway created; it never touches any other client.
+MANAGED_TEXTNAME = "device (managed by the gateway)"
+SALT_BYTES = 16
+
+
+def hash_password(password: str) -> bytes:
+    """A random salt followed by sha256(salt + password).
+
+    The password is 32 random characters (192 bits), so a fast hash is enough; the
+    broker keeps its own salted PBKDF2 hash, which is what devices log in against.
+    """
+    salt = secrets.token_bytes(SALT_BYTES)
+    return salt + hashlib.sha256(salt + password.encode()).digest()
+
+
+class Control:
+    """The plugin's control API: ``execute`` a batch, get one response per command."""
+
+    def __init__(self, publisher: Publisher, timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
+        self._publisher = publisher
+        self._timeout = timeout
+        # Every gateway process sees every response on the topic: ids are per process.
+        self._prefix = f"gw-{uuid.uuid4().hex[:12]}-"
+        self._ids = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[wire.Response]] = {}
+        self._bad_log = RateLimitedLog()
+        # The edge's "connected and subscribed" event, bound by the app.
+        self.connected: asyncio.Event | None = None
+
+    def accept(self, message: aiomqtt.Message, received: float) -> None:
+        """Called by the edge for each message on the response topic."""
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        try:
+            batch = wire.decode_responses(payload)
+        except msgspec.DecodeError as exc:
+            metrics.DYNSEC_ERRORS.labels("bad_response").inc()
+            allowed, suppressed = self._bad_log.allow()
+            if allowed:
+                log.warning("dynsec.bad_response", error=str(exc)[:200], suppressed=suppressed)
+            return
+        for response in batch.responses:
+            future = self._waiting.pop(response.correlationData or "", None)
+            if future is not None and not future.done():
+                future.set_result(response)
+
+    async def wait_connected(self) -> None:
+        if self.connected is not None:
+            await self.connected.wait()
+
+    async def execute(
+        self,
+        commands: list[wire.Command],
+        tolerate: Collection[tuple[str, str]] = (),
+    ) -> list[wire.Response]:
+        """Run ``commands`` in order, in one message; raise on any error not in ``tolerate``.
+
+        ``tolerate`` holds (command, error) pairs that mean "already so" (``createRole``,
+        ``Role already exists``). Fails at once when the edge is not connected, so nothing
+        is left queued to change the broker after the caller has given up.
+        """
+        if self.connected is None or not self.connected.is_set():
+            metrics.DYNSEC_ERRORS.labels("unavailable").inc()
+            raise DynsecUnavailable("the gateway is not connected to the broker")
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[wire.Response]] = []
+        for command in commands:
+            command.correlationData = f"{self._prefix}{next(self._ids)}"
+            future: asyncio.Future[wire.Response] = loop.create_future()
+            self._waiting[command.correlationData] = future
+            futures.append(future)
+        try:
+            if not self._publisher.publish(wire.CONTROL_TOPIC, wire.encode_commands(commands)):
+                metrics.DYNSEC_ERRORS.labels("unavailable").inc()
+                raise DynsecUnavailable("the control request could not be published")
+            async with asyncio.timeout(self._timeout):
+                responses = [await future for future in futures]
+        except TimeoutError as exc:
+            metrics.DYNSEC_ERRORS.labels("unavailable").inc()
+            raise DynsecUnavailable(
+                f"the broker's dynamic security did not answer in {self._timeout:g} s"
+            ) from exc
+        finally:
+            for command in commands:
+                self._waiting.pop(command.correlationData or "", None)
+        for response in responses:
+            if response.error is not None and (response.command, response.error) not in tolerate:
+                metrics.DYNSEC_ERRORS.labels("refused").inc()
+                raise DynsecRefused(response.command, response.error)
+        return responses
+
+    async def get_client(self, username: str) -> wire.ClientInfo | None:
+        [response] = await self.execute(
+            [wire.Command(command="getClient", username=username)],
+            tolerate={("getClient", "Client not found")},
+        )
+        return response.data.client if response.data is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    device_id: str
+    serial: str
+    password: str
+    created_at: datetime
+    rotated: bool
+    topics: dict[str, str]
+
+
+class DeviceAccess:
+    """Issues, rotates and revokes device credentials; owns the revocation task."""
+
+    def __init__(self, config: Config, storage: Storage, control: Control) -> None:
+        self._config = config
+        self._storage = storage
+        self._control = control
+        self._due: set[str] = set()
+        self._full_pass = True  # at start: apply whatever was left pending
+        self._wakeup = asyncio.Event()
+        self._wakeup.set()
+
+    def topics(self, serial: str) -> dict[str, str]:
+        return {
+            name: self._config.topic(f"devices/{serial}/{name}")
+            for name in ("heartbeat", "commands", "settings")
+        }
+
+    def _acls(self, serial: str) -> list[wire.Acl]:
+        topics = self.topics(serial)
+        return [
+            wire.Acl(wire.PUBLISH_SEND, topics["heartbeat"]),
+            wire.Acl(wire.SUBSCRIBE_LITERAL, topics["commands"]),
+            wire.Acl(wire.SUBSCRIBE_LITERAL, topics["settings"]),
+            # Explicit, in case the broker's default for receiving was set to deny.
+            wire.Acl(wire.PUBLISH_RECEIVE, topics["commands"]),
+            wire.Acl(wire.PUBLISH_RECEIVE, topics["settings"]),
+        ]
+
+    # ---- issue and rotate ------------------------------------------------------------
+
+    async def issue(self, device_id: str) -> Issued:
+        """New credentials for a live device; the password exists only in the result.
+
+        Raises NotFound, Conflict (the broker has a client of that name the gateway did
+        not create), DynsecUnavailable, DynsecRefused, StorageUnavailable.
+        """
+        password = secrets.token_urlsafe(24)
+
+        async def apply(serial: str) -> None:
+            client = await self._control.get_client(serial)
+            if client is not None and client.textname != MANAGED_TEXTNAME:
+                raise Conflict(
+                    f"The broker has a client named {serial} that the gateway does not manage"
+                )
+            role = ROLE_PREFIX + serial
+            acls = self._acls(serial)
+            commands = [
+                wire.Command(command="createRole", rolename=role, acls=acls),
+                # Sets the ACLs exactly, should the role exist (e.g. another topic prefix).
+                wire.Command(command="modifyRole", rolename=role, acls=acls),
+            ]
+            if client is None:
+                commands.append(wire.Command(
+                    command="createClient", username=serial, password=password,
+                    textname=MANAGED_TEXTNAME, textdescription=device_id,
+                    roles=[wire.RoleRef(role)],
+                ))
+            else:
+                # The broker disconnects sessions that logged in with the old password.
+                commands.append(
+                    wire.Command(command="setClientPassword", username=serial, password=password)
+                )
+            await self._control.execute(commands, tolerate={("createRole", "Role already exists")})
+
+        row = await self._storage.issue_device_credentials(
+            device_id, hash_password(password), apply
+        )
+        serial = row["serial_number"]
+        metrics.DEVICE_CREDENTIALS_ISSUED.inc()
+        log.info("dynsec.credentials_issued", device_id=device_id, rotated=row["rotated"])
+        return Issued(device_id, serial, password, row["created_at"], row["rotated"],
+                      self.topics(serial))
+
+    # ---- revoke ----------------------------------------------------------------------
+
+    async def revoke_now(self, device_id: str) -> None:
+        """Apply a revocation already recorded (a delete); on failure leave it to the task."""
+        try:
+            await self._revoke(device_id)
+        except (DynsecUnavailable, DynsecRefused, StorageUnavailable) as exc:
+            log.warning("dynsec.revoke_deferred", device_id=device_id, error=str(exc))
+            self.revoke_later((device_id,))
+
+    def revoke_later(self, device_ids: Iterable[str]) -> None:
+        """Ask the task to check these devices' credentials (acks, expiries)."""
+        queued = False
+        for device_id in device_ids:
+            queued = True
+            if len(self._due) >= DUE_MAX:
+                self._full_pass = True  # nothing is lost: a full pass finds it
+                break
+            self._due.add(device_id)
+        if queued:
+            metrics.REVOCATIONS_QUEUED.set(len(self._due))
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        """Apply due revocations until cancelled: when asked, and on a timer."""
+        delay = 1.0
+        while True:
+            try:
+                async with asyncio.timeout(RECONCILE_INTERVAL_SECONDS):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                self._full_pass = True
+            await self._control.wait_connected()
+            self._wakeup.clear()
+            full, due = self._full_pass, self._due
+            self._full_pass, self._due = False, set()
+            metrics.REVOCATIONS_QUEUED.set(0)
+            if not full and not due:
+                continue
+            if await self._pass(None if full else sorted(due)):
+                delay = 1.0
+                continue
+            self._full_pass = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+            self._wakeup.set()
+
+    async def _pass(self, device_ids: list[str] | None) -> bool:
+        """One pass; False when something must be retried."""
+        try:
+            pending = await self._storage.due_credential_revocations(device_ids)
+        except StorageUnavailable as exc:
+            log.warning("dynsec.revocations_deferred", error=str(exc))
+            return False
+        ok = True
+        for device_id in pending:
+            try:
+                await self._revoke(device_id)
+            except (DynsecUnavailable, DynsecRefused, StorageUnavailable) as exc:
+                log.warning("dynsec.revoke_deferred", device_id=device_id, error=str(exc))
+                ok = False
+        return ok
+
+    async def _revoke(self, device_id: str) -> None:
+        async def apply(serial: str) -> None:
+            client = await self._control.get_client(serial)
+            commands = [wire.Command(command="deleteRole", rolename=ROLE_PREFIX + serial)]
+            if client is not None and client.textname == MANAGED_TEXTNAME:
+                # Deleting the client disconnects every session logged in as it.
+                commands.insert(0, wire.Command(command="deleteClient", username=serial))
+            await self._control.execute(commands, tolerate={("deleteRole", "Role not found")})
+
+        if await self._storage.apply_credentials_revocation(device_id, apply):
+            metrics.DEVICE_CREDENTIALS_REVOKED.inc()
+            log.info("dynsec.credentials_revoked", device_id=device_id)

@@ -1,0 +1,706 @@
+"""Faults while 1,000 devices heartbeat: broker restarts, a killed gateway, a database
+outage, a graceful shutdown. Each test measures what happens and prints the figures.
+
+Every test runs its own Mosquitto (and, for the outage, its own PostgreSQL cluster) from
+``processes.py``, never the shared ones. Longer runs, as documented in the README:
+
+    GATEWAY_FAULT_DB_OUTAGE=30 pytest tests/test_faults.py -k database_outage -s
+    GATEWAY_FAULT_DEVICES=10000 pytest tests/test_faults.py -s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import itertools
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+import asyncpg
+import msgspec
+import pytest
+from conftest import create_key, running_gateway, wait_for
+from gateway_codecs import settings as settings_schema
+from processes import (
+    GatewayProcess,
+    HealthLog,
+    Mosquitto,
+    RequestClient,
+    connect_packet,
+    publish_packet,
+    scrape,
+    wait_reply,
+)
+
+from gateway import auth, metrics
+from gateway.config import Config
+from gateway.storage import HeartbeatColumns, Storage
+
+DEVICES = int(os.environ.get("GATEWAY_FAULT_DEVICES", "1000"))
+INTERVAL = float(os.environ.get("GATEWAY_FAULT_INTERVAL", "1.0"))  # seconds between heartbeats
+DB_OUTAGE = float(os.environ.get("GATEWAY_FAULT_DB_OUTAGE", "8"))  # the issue's long run: 30
+BROKER_OUTAGE = 2.0
+TICKS = 10  # a fleet connection sends a tenth of its devices every tenth of an interval
+
+
+def report(fault: str, **figures: Any) -> None:
+    """Print a test's measured figures (the README's Reliability table quotes them)."""
+    print(f"\nFIGURES {fault}: {json.dumps(figures)}")
+
+
+# ---- a cheap fleet ------------------------------------------------------------------------
+
+
+def heartbeat(ts: int) -> bytes:
+    """A full heartbeat; ``battery_percent`` is derived from ``ts`` so a stored row shows
+    that its health and its ``last_ts`` came from the same message."""
+    return (
+        b'{"ts":%d,"battery_percent":%d,"firmware_version":"1.4.2","storage_used_mb":512,'
+        b'"storage_total_mb":32768,"signal_strength_dbm":-67,"recording_state":'
+        b'{"device_state":"idle","pending_recordings":0,"flags":0,"connection_type":["wifi"]},'
+        b'"settings_version":1}' % (ts, ts % 101)
+    )
+
+
+class _Link(asyncio.Protocol):
+    """One fleet connection. The broker only ever sends it 4-byte CONNACK and PUBACKs."""
+
+    def __init__(self, on_ack: Callable[[str, int], None]) -> None:
+        self.on_ack = on_ack
+        self.transport: asyncio.Transport | None = None
+        self.connack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost = False
+        self.inflight: dict[int, tuple[str, int]] = {}
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.connack.done():
+            self.connack.set_exception(ConnectionError("closed before CONNACK"))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        end = len(buf) - len(buf) % 4
+        for pos in range(0, end, 4):
+            kind, packet_id = buf[pos], int.from_bytes(buf[pos + 2:pos + 4], "big")
+            if kind == 0x40:
+                entry = self.inflight.pop(packet_id, None)
+                if entry is not None:
+                    self.on_ack(*entry)
+            elif kind == 0x20 and not self.connack.done():
+                self.connack.set_result(None)
+        self.buf = buf[end:]
+
+
+class Fleet:
+    """Devices heartbeating once per ``interval`` over a few raw MQTT 3.1.1 connections.
+
+    It records every heartbeat the broker acknowledged (PUBACK): those are the ones the
+    broker took responsibility for. Heartbeats in flight when a connection drops are not
+    counted; the fleet reconnects and carries on, as devices do.
+    """
+
+    def __init__(self, port: int, prefix: str, serials: list[str], *,
+                 interval: float = INTERVAL, connections: int = 4) -> None:
+        self.port = port
+        self.prefix = prefix
+        self.interval = interval
+        self.groups = [serials[i::connections] for i in range(connections)]
+        self.acked: list[tuple[str, int, float]] = []  # (serial, ts, monotonic ack time)
+        self.latest: dict[str, int] = {}  # newest acknowledged ts per serial
+        self.sent = 0
+        self.drops = 0
+        self.connected_at: list[float] = []
+        self._last_ts: dict[str, int] = {}
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _on_ack(self, serial: str, ts: int) -> None:
+        self.acked.append((serial, ts, time.monotonic()))
+        if ts > self.latest.get(serial, 0):
+            self.latest[serial] = ts
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._connection(n, group), name=f"fleet-{n}")
+                       for n, group in enumerate(self.groups)]
+
+    async def stop(self) -> None:
+        """Stop sending, wait for the outstanding PUBACKs, hang up."""
+        self._stopping = True
+        await asyncio.gather(*self._tasks)
+
+    async def _connection(self, index: int, serials: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        topics = [f"{self.prefix}/devices/{s}/heartbeat".encode() for s in serials]
+        per_tick = -(-len(serials) // TICKS)
+        cursor = packet_id = 0
+        while not self._stopping:
+            link = _Link(self._on_ack)
+            try:
+                await loop.create_connection(lambda link=link: link, "127.0.0.1", self.port)
+                assert link.transport is not None
+                link.transport.write(connect_packet(f"fleet-{os.getpid()}-{index}", 0))
+                await asyncio.wait_for(link.connack, 5)
+            except (OSError, TimeoutError):
+                if link.transport is not None:
+                    link.transport.abort()
+                await asyncio.sleep(0.1)
+                continue
+            assert link.transport is not None
+            self.connected_at.append(time.monotonic())
+            next_tick = time.monotonic()
+            while not self._stopping and not link.lost:
+                now_ms = time.time_ns() // 1_000_000
+                packets = []
+                for _ in range(per_tick):
+                    serial, topic = serials[cursor], topics[cursor]
+                    cursor = (cursor + 1) % len(serials)
+                    ts = max(now_ms, self._last_ts.get(serial, 0) + 1)
+                    self._last_ts[serial] = ts
+                    packet_id = packet_id % 65535 + 1
+                    link.inflight[packet_id] = (serial, ts)
+                    packets.append(publish_packet(topic, packet_id, heartbeat(ts)))
+                link.transport.write(b"".join(packets))
+                self.sent += len(packets)
+                next_tick += self.interval / TICKS
+                await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+            if link.lost:
+                self.drops += 1
+                continue
+            deadline = time.monotonic() + 5
+            while link.inflight and not link.lost and time.monotonic() < deadline:  # noqa: ASYNC110 - the protocol has no event for it
+                await asyncio.sleep(0.01)
+            link.transport.write(b"\xe0\x00")  # DISCONNECT
+            link.transport.close()
+
+    def acked_after(self, moment: float) -> dict[str, int]:
+        """The first heartbeat acknowledged after ``moment``, per serial."""
+        first: dict[str, int] = {}
+        for serial, ts, at in self.acked:
+            if at > moment and serial not in first:
+                first[serial] = ts
+        return first
+
+
+# ---- database helpers ---------------------------------------------------------------------
+
+
+def serials_for(n: int, prefix: str = "SIM-") -> list[str]:
+    return [f"{prefix}{i:06d}" for i in range(n)]
+
+
+async def seed(conn: asyncpg.Connection, serials: list[str]) -> None:
+    """Register ``serials`` directly, as `POST /v1/devices` would (settings version 1)."""
+    document = json.dumps(settings_schema.defaults())
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO devices (id, serial_number, device_type)"
+            " SELECT 'dev_' || substr(md5(s), 1, 20), s, 'sim_v1' FROM unnest($1::text[]) s",
+            serials,
+        )
+        for table in ("device_settings", "device_settings_history"):
+            await conn.execute(
+                f"INSERT INTO {table} (device_id, document, version)"
+                " SELECT id, $1::text::json, 1 FROM devices WHERE serial_number = ANY($2)",
+                document, serials,
+            )
+
+
+async def behind(conn: asyncpg.Connection, want: dict[str, int]) -> list[str]:
+    """Serials whose stored heartbeat is older than ``want[serial]``, or whose health does
+    not belong to their stored ``ts``."""
+    rows = await conn.fetch(
+        "SELECT serial_number, last_ts, battery_percent FROM devices"
+        " WHERE serial_number = ANY($1)", list(want),
+    )
+    stored = {r["serial_number"]: (r["last_ts"], r["battery_percent"]) for r in rows}
+    late = []
+    for serial, ts in want.items():
+        got_ts, battery = stored.get(serial, (None, None))
+        if got_ts is None or got_ts < ts or battery != got_ts % 101:
+            late.append(serial)
+    return late
+
+
+async def wait_converged(conn: asyncpg.Connection, want: dict[str, int],
+                         within: float) -> tuple[float | None, list[str]]:
+    """(seconds until no device is behind ``want`` or None, the devices still behind)."""
+    started = time.monotonic()
+    while True:
+        late = await behind(conn, want)
+        if not late:
+            return time.monotonic() - started, []
+        if time.monotonic() - started > within:
+            return None, late
+        await asyncio.sleep(0.1)
+
+
+def record_heartbeats(gateway: Any) -> set[tuple[str, int]]:
+    """Every (serial, ts) the in-process gateway's edge hands to the heartbeat pipeline."""
+    received: set[tuple[str, int]] = set()
+    inner = gateway.edge._on_heartbeat
+
+    def record(message: aiomqtt.Message, at: float) -> None:
+        serial = message.topic.value.rsplit("/", 2)[-2]
+        with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError):
+            received.add((serial, msgspec.json.decode(message.payload)["ts"]))
+        inner(message, at)
+
+    gateway.edge._on_heartbeat = record
+    return received
+
+
+# ---- 1. broker restarts -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_broker_restart_reconnects_resubscribes_and_converges(
+    config: Config, db: asyncpg.Connection, topic_prefix: str, sig: signal.Signals
+) -> None:
+    """The broker is stopped (SIGTERM, persistence on) or killed (SIGKILL) and restarted
+    while 1,000 devices heartbeat. The gateway reconnects with backoff and re-subscribes;
+    /healthz and gateway_mqtt_connected go down and up again. After SIGTERM no heartbeat
+    the broker acknowledged is lost (the persistent session kept them); after SIGKILL every
+    device is up to date within one heartbeat interval of reconnecting. Requests made
+    around the outage are answered once the broker is back (SIGTERM) or time out cleanly."""
+    serials = serials_for(DEVICES)
+    await seed(db, serials)
+    key = (await create_key(config.database_url, auth.READ, auth.WRITE))[1]
+    broker = Mosquitto()
+    await asyncio.to_thread(broker.start)
+    cfg = dataclasses.replace(config, mqtt_url=broker.url, session_expiry_seconds=600)
+    try:
+        async with running_gateway(cfg) as gw, \
+                RequestClient(broker.port, topic_prefix, key, persistent=True) as caller:
+            received = record_heartbeats(gw)
+            health = HealthLog(cfg.metrics_endpoint[1])
+            health.start()
+            fleet = Fleet(broker.port, topic_prefix, serials)
+            fleet.start()
+            await asyncio.sleep(2 * INTERVAL)
+            reconnects_before = metrics.MQTT_RECONNECTS._value.get()
+
+            # Requests right before the fault, and while the broker is down (the caller's
+            # client queues those and sends them when it is back).
+            requests = [caller.send("GET", "/v1/devices", query={"limit": "1"})
+                        for _ in range(20)]
+            fault_at = time.monotonic()
+            await asyncio.to_thread(broker.stop, sig)
+            await asyncio.sleep(0.3)
+            requests += [caller.send("GET", "/v1/devices", query={"limit": "1"})
+                         for _ in range(10)]
+            await asyncio.sleep(BROKER_OUTAGE)
+            restart_at = time.monotonic()
+            await asyncio.to_thread(broker.start)
+            await wait_for(gw.edge.connected.is_set, 20)
+            reconnected_at = time.monotonic()
+            await wait_for(lambda: health.first(reconnected_at, status=200, mqtt=1.0), 5)
+            fleet_back_at = max(fleet.connected_at[-len(fleet.groups):])
+
+            # Devices heartbeat on; after SIGKILL each must be current within an interval.
+            first_after = {}
+            converged_in = None
+            while converged_in is None and time.monotonic() - restart_at < 15:
+                first_after = fleet.acked_after(restart_at)
+                if len(first_after) == len(serials) and not await behind(db, first_after):
+                    converged_in = time.monotonic() - max(reconnected_at, fleet_back_at)
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(INTERVAL)
+            await fleet.stop()
+            answers = await asyncio.gather(*(wait_reply(r, 5) for r in requests))
+
+            lost: list[tuple[str, int, float]] = []
+            try:
+                await wait_for(lambda: all((s, t) in received for s, t, _ in fleet.acked), 10)
+            except AssertionError:
+                lost = [(s, t, at) for s, t, at in fleet.acked if (s, t) not in received]
+            caught_up_in, late = await wait_converged(db, fleet.latest, 10)
+            await health.stop()
+    finally:
+        await asyncio.to_thread(broker.close)
+
+    went_down = health.first(fault_at, status=503)
+    gauge_down = health.first(fault_at, mqtt=0.0)
+    back_up = health.first(restart_at, status=200)
+    answered = sum(1 for a in answers if a is not None and a["status"] == 200)
+    figures = {
+        "devices": len(serials),
+        "heartbeats_acked_by_broker": len(fleet.acked),
+        "heartbeats_lost": len(lost),
+        # After SIGKILL: acknowledged before the kill and still in the broker's memory, or
+        # published after the restart before the gateway had re-subscribed.
+        "lost_acked_before_fault": sum(1 for *_, at in lost if at < fault_at),
+        "lost_published_before_resubscribe": sum(1 for *_, at in lost if at > restart_at),
+        "gateway_reconnect_after_broker_start_s": round(reconnected_at - restart_at, 2),
+        "healthz_503_after_fault_s": went_down and round(went_down - fault_at, 2),
+        "healthz_200_after_broker_start_s": back_up and round(back_up - restart_at, 2),
+        "failed_connect_attempts": metrics.MQTT_RECONNECTS._value.get() - reconnects_before,
+        "all_devices_current_after_reconnect_s": converged_in and round(converged_in, 2),
+        "requests": len(requests),
+        "requests_answered": answered,
+        "requests_timed_out": sum(1 for a in answers if a is None),
+        "final_devices_behind": len(late),
+        "final_catch_up_s": caught_up_in and round(caught_up_in, 2),
+    }
+    report(f"broker_{sig.name}", **figures)
+
+    assert went_down is not None and gauge_down is not None, "/healthz never went 503"
+    assert back_up is not None, "/healthz never came back"
+    assert reconnected_at - restart_at < 5, "reconnect took longer than the backoff allows"
+    assert not late, f"{len(late)} devices never converged, e.g. {late[:3]}"
+    assert converged_in is not None and converged_in <= INTERVAL + 1.0, figures
+    # Every request gets its answer or a clean time-out on the caller's side (None).
+    assert all(a is None or a["status"] == 200 for a in answers), answers
+    if sig == signal.SIGTERM:
+        assert not lost, f"{len(lost)} acknowledged heartbeats lost, e.g. {lost[:3]}"
+        assert answered == len(requests), figures
+
+
+# ---- 2. the gateway is killed -------------------------------------------------------------
+
+
+class SmartDevice:
+    """A device that runs commands and applies settings, as the contract asks of one.
+
+    Every heartbeat reports the settings version it has applied and acknowledges the
+    commands it was sent since the last one; a command sent again (at-least-once) is
+    acknowledged again but run once.
+    """
+
+    def __init__(self, port: int, prefix: str, serial: str, period: float = 0.4) -> None:
+        self.port = port
+        self.prefix = prefix
+        self.serial = serial
+        self.period = period
+        self.deliveries: dict[str, int] = {}  # command id -> times received
+        self.to_ack: list[str] = []
+        self.settings_version = 0
+        self.versions: list[int] = []  # every settings version received, in order
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"device-{self.serial}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._task
+
+    async def _run(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port,
+                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+            base = f"{self.prefix}/devices/{self.serial}"
+            await client.subscribe([(f"{base}/commands", 1), (f"{base}/settings", 1)])
+            reader = asyncio.create_task(self._read(client))
+            try:
+                while True:
+                    acks, self.to_ack = self.to_ack, []
+                    body: dict[str, Any] = {
+                        "ts": time.time_ns() // 1_000_000, "battery_percent": 50,
+                        "settings_version": self.settings_version,
+                    }
+                    if acks:
+                        body["acks"] = [{"id": a, "status": "succeeded"} for a in acks]
+                    await client.publish(f"{base}/heartbeat", msgspec.json.encode(body), qos=1)
+                    await asyncio.sleep(self.period)
+            finally:
+                reader.cancel()
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            document = msgspec.json.decode(message.payload)
+            if message.topic.value.endswith("/commands"):
+                for command in document["commands"]:
+                    self.deliveries[command["id"]] = self.deliveries.get(command["id"], 0) + 1
+                    if command["id"] not in self.to_ack:
+                        self.to_ack.append(command["id"])
+            else:
+                self.versions.append(document["version"])
+                self.settings_version = max(self.settings_version, document["version"])
+
+
+async def test_gateway_killed_mid_load_converges_and_keeps_commands(
+    config: Config, db: asyncpg.Connection, topic_prefix: str
+) -> None:
+    """The gateway is SIGKILLed while 1,000 devices heartbeat and commands and settings
+    writes flow, then started again. Every device converges to its latest heartbeat, every
+    command reaches its device and a terminal state, no command is delivered after its
+    terminal state, and settings versions never go backwards."""
+    serials = serials_for(DEVICES)
+    smart_serials = [f"SMART-{n}" for n in range(8)]
+    await seed(db, serials + smart_serials)
+    ids = {r["serial_number"]: r["id"] for r in await db.fetch(
+        "SELECT id, serial_number FROM devices WHERE serial_number = ANY($1)", smart_serials)}
+    key = (await create_key(config.database_url, auth.READ, auth.WRITE))[1]
+    broker = Mosquitto()
+    await asyncio.to_thread(broker.start)
+    gateway = GatewayProcess(mqtt_url=broker.url, database_url=config.database_url,
+                             topic_prefix=topic_prefix, client_id=config.client_id)
+    created: list[dict[str, Any]] = []
+    canceled: set[str] = set()
+    settings_written: dict[str, int] = {}
+    version_samples: list[dict[str, int]] = []
+
+    async def create_commands(caller: RequestClient, phase: str) -> list[Any]:
+        return [caller.send("POST", f"/v1/devices/{ids[s]}/commands",
+                            {"type": "locate", "params": {"phase": phase},
+                             "idempotency_key": f"{phase}-{s}-{n}"})
+                for s in smart_serials for n in range(2)]
+
+    async def write_settings(caller: RequestClient, minutes: int) -> list[Any]:
+        return [caller.send("PATCH", f"/v1/devices/{ids[s]}/settings",
+                            {"power": {"auto_sleep_minutes": minutes}}) for s in smart_serials]
+
+    async def collect(futures: list[Any], within: float = 15) -> None:
+        for reply in await asyncio.gather(*(wait_reply(f, within) for f in futures)):
+            assert reply is not None, "a request was never answered"
+            status, body = reply["status"], reply["body"]
+            assert status in (200, 201), reply
+            if body.get("object") == "command":
+                created.append(body)
+            else:
+                settings_written[body["device_id"]] = body["version"]
+
+    async def sample_versions() -> None:
+        while True:
+            rows = await db.fetch("SELECT device_id, version FROM device_settings"
+                                  " WHERE device_id = ANY($1)", list(ids.values()))
+            version_samples.append({r["device_id"]: r["version"] for r in rows})
+            await asyncio.sleep(0.1)
+
+    devices = [SmartDevice(broker.port, topic_prefix, s) for s in smart_serials]
+    sampler = asyncio.create_task(sample_versions())
+    try:
+        gateway.start()
+        started_in = await gateway.wait_healthy()
+        async with RequestClient(broker.port, topic_prefix, key) as caller:
+            fleet = Fleet(broker.port, topic_prefix, serials)
+            fleet.start()
+            for device in devices:
+                device.start()
+            await collect(await create_commands(caller, "before"))
+            await collect(await write_settings(caller, 31))
+            for command in created[::4]:  # cancel a quarter of them at once
+                result = await caller.call("POST", f"/v1/commands/{command['id']}/cancel")
+                assert result is not None and result[0] in (200, 409), result
+                if result[0] == 200:
+                    canceled.add(command["id"])
+            await asyncio.sleep(1.5 * INTERVAL)
+
+            killed_at = time.monotonic()
+            gateway.send(signal.SIGKILL)
+            assert await gateway.wait_exit(5) == -signal.SIGKILL
+            # Requests while the gateway is down wait in its broker session.
+            during = await create_commands(caller, "during")
+            during += await write_settings(caller, 32)
+            await asyncio.sleep(1.0)
+            gateway.start()
+            restarted_in = await gateway.wait_healthy()
+            healthy_at = time.monotonic()
+            await collect(during)
+            await collect(await create_commands(caller, "after"))
+            await collect(await write_settings(caller, 33))
+
+            first_after = {}
+            current_in = None
+            while current_in is None and time.monotonic() - healthy_at < 10:
+                first_after = fleet.acked_after(healthy_at)
+                if len(first_after) == len(serials) and not await behind(db, first_after):
+                    current_in = time.monotonic() - healthy_at
+                await asyncio.sleep(0.1)
+            await fleet.stop()
+            caught_up_in, late = await wait_converged(db, fleet.latest, 10)
+
+            async def all_terminal() -> bool:
+                return not await db.fetchval(
+                    "SELECT count(*) FROM commands WHERE status IN ('pending', 'delivered')")
+
+            await wait_for(all_terminal, 15)
+        gateway.send(signal.SIGTERM)
+        exit_code = await gateway.wait_exit(15)
+    finally:
+        sampler.cancel()
+        for device in devices:
+            await device.stop()
+        gateway.close()
+        await asyncio.to_thread(broker.close)
+
+    commands = await db.fetch(
+        "SELECT c.id, c.status, c.attempts, c.delivered_at, c.completed_at, d.serial_number"
+        " FROM commands c JOIN devices d ON d.id = c.device_id")
+    by_serial = {d.serial: d for d in devices}
+    never_reached = [c["id"] for c in commands
+                     if c["id"] not in canceled and c["id"] not in by_serial[
+                         c["serial_number"]].deliveries]
+    after_terminal = [c["id"] for c in commands if c["delivered_at"] is not None
+                      and c["delivered_at"] > c["completed_at"]]
+    wrong_status = [(c["id"], c["status"]) for c in commands
+                    if c["status"] != ("canceled" if c["id"] in canceled else "succeeded")]
+    stored_backwards = sum(
+        1 for older, newer in itertools.pairwise(version_samples)
+        for device_id, version in newer.items() if version < older.get(device_id, 0))
+    device_backwards = sum(
+        1 for d in devices for a, b in itertools.pairwise(d.versions) if b < a)
+    final = {r["device_id"]: (r["version"], r["applied_version"]) for r in await db.fetch(
+        "SELECT device_id, version, applied_version FROM device_settings"
+        " WHERE device_id = ANY($1)", list(ids.values()))}
+    figures = {
+        "devices": len(serials),
+        "gateway_start_s": round(started_in, 2),
+        "restart_to_healthy_s": round(restarted_in, 2),
+        "down_s": round(healthy_at - killed_at, 2),
+        "all_devices_current_after_restart_s": current_in and round(current_in, 2),
+        "final_devices_behind": len(late),
+        "final_catch_up_s": caught_up_in and round(caught_up_in, 2),
+        "commands": len(commands),
+        "commands_canceled": len(canceled),
+        "commands_never_reached_device": len(never_reached),
+        "commands_delivered_after_terminal": len(after_terminal),
+        "commands_in_wrong_final_state": len(wrong_status),
+        "deliveries_per_command_max": max(max(d.deliveries.values()) for d in devices),
+        "settings_version_regressions_stored": stored_backwards,
+        "settings_version_regressions_on_devices": device_backwards,
+        "exit_code_after_restart_sigterm": exit_code,
+    }
+    report("gateway_sigkill", **figures)
+    assert not late, f"{len(late)} devices behind, e.g. {late[:3]}"
+    assert current_in is not None and current_in <= INTERVAL + 1.0, figures
+    assert len(commands) == len(created) == 3 * 2 * len(smart_serials)
+    assert not never_reached and not after_terminal and not wrong_status, figures
+    assert stored_backwards == 0 and device_backwards == 0, figures
+    assert all(final[ids[s]] == (settings_written[ids[s]], settings_written[ids[s]])
+               for s in smart_serials), (final, settings_written)
+    assert exit_code == 0
+
+
+async def test_cancel_racing_a_heartbeat_never_redelivers(database_url: str,
+                                                          db: asyncpg.Connection) -> None:
+    """A cancel commits while a heartbeat batch waits for the command's row lock: the
+    batch must neither overwrite ``canceled`` with ``delivered`` nor send the command
+    (terminal states never change; nothing is delivered after its terminal state)."""
+    async with Storage.open(database_url, min_size=1, max_size=2) as storage:
+        await storage.register_device("dev_race", "SN-RACE", None, None, None,
+                                      settings_schema.defaults())
+        await storage.create_command("dev_race", "cmd_race", "locate", {},
+                                     dt.timedelta(hours=1), None)
+        canceller = await asyncpg.connect(database_url)
+        try:
+            cancel = canceller.transaction()
+            await cancel.start()
+            await canceller.execute("UPDATE commands SET status = 'canceled',"
+                                    " completed_at = now() WHERE id = 'cmd_race'")
+            values: dict[str, list[Any]] = {
+                f.name: [None] for f in dataclasses.fields(HeartbeatColumns)}
+            values |= {"serials": ["SN-RACE"], "ts": [time.time_ns() // 1_000_000]}
+            if "received" in values:
+                values["received"] = [time.time()]
+            batch = asyncio.create_task(
+                storage.apply_heartbeats([HeartbeatColumns(**values)], None))
+            await asyncio.sleep(0.5)
+            assert not batch.done(), "the batch did not wait for the row lock"
+            await cancel.commit()
+            outcomes, _ = await asyncio.wait_for(batch, 5)
+        finally:
+            await canceller.close()
+    command = await db.fetchrow("SELECT status, attempts FROM commands WHERE id = 'cmd_race'")
+    assert (command["status"], command["attempts"]) == ("canceled", 0)
+    assert outcomes[0]["commands"] is None
+
+
+# ---- 4. graceful shutdown -----------------------------------------------------------------
+
+
+async def test_sigterm_drains_accepted_work_and_exits_0(
+    config: Config, db: asyncpg.Connection, topic_prefix: str
+) -> None:
+    """SIGTERM while 1,000 devices heartbeat and writes arrive: intake stops, accepted
+    requests and buffered heartbeats finish within the drain deadline, the process exits
+    0, and nothing accepted is lost. What the broker delivers after intake stopped is not
+    acknowledged, so it waits in the session and the next start handles it."""
+    serials = serials_for(DEVICES)
+    await seed(db, serials)
+    key = (await create_key(config.database_url, auth.READ, auth.WRITE))[1]
+    broker = Mosquitto()
+    await asyncio.to_thread(broker.start)
+    gateway = GatewayProcess(mqtt_url=broker.url, database_url=config.database_url,
+                             topic_prefix=topic_prefix, client_id=config.client_id)
+    writes: list[asyncio.Future[dict[str, Any]]] = []
+    sending = True
+
+    async def register_devices(caller: RequestClient) -> None:
+        while sending:  # ~500 registrations a second, answered or not
+            for _ in range(5):
+                writes.append(caller.send("POST", "/v1/devices",
+                                          {"serial_number": f"DRAIN-{len(writes)}"}))
+            await asyncio.sleep(0.01)
+
+    try:
+        gateway.start()
+        await gateway.wait_healthy()
+        async with RequestClient(broker.port, topic_prefix, key) as caller:
+            fleet = Fleet(broker.port, topic_prefix, serials)
+            fleet.start()
+            writer = asyncio.create_task(register_devices(caller))
+            await asyncio.sleep(2 * INTERVAL)
+            before = await scrape(gateway.metrics_port)
+            term_at = time.monotonic()
+            gateway.send(signal.SIGTERM)
+            exit_code = await gateway.wait_exit(30)
+            drained_in = time.monotonic() - term_at
+            sending = False
+            await writer
+            await fleet.stop()
+            answered_by_first = sum(1 for w in writes if w.done())
+            drained = [e for e in gateway.events() if e["event"] == "gateway.drained"]
+
+            gateway.start()  # the same session: it gets what the first run left unacked
+            await gateway.wait_healthy()
+            answers = await asyncio.gather(*(wait_reply(w, 15) for w in writes))
+            caught_up_in, late = await wait_converged(db, fleet.latest, 10)
+            registered = await db.fetchval(
+                "SELECT count(*) FROM devices WHERE serial_number LIKE 'DRAIN-%'")
+            gateway.send(signal.SIGTERM)
+            second_exit = await gateway.wait_exit(30)
+    finally:
+        gateway.close()
+        await asyncio.to_thread(broker.close)
+
+    statuses = [a["status"] if a else None for a in answers]
+    figures = {
+        "devices": len(serials),
+        "inbox_depth_at_sigterm": before.get("gateway_inbox_depth"),
+        "drain_to_exit_s": round(drained_in, 2),
+        "exit_code": exit_code,
+        "left_at_exit": drained[0] if drained else None,
+        "writes_sent": len(writes),
+        "writes_answered_before_exit": answered_by_first,
+        "writes_answered_after_restart": len(writes) - answered_by_first,
+        "writes_unanswered": statuses.count(None),
+        "writes_registered": registered,
+        "devices_behind_after_restart": len(late),
+        "catch_up_after_restart_s": caught_up_in and round(caught_up_in, 2),
+    }
+    report("gateway_sigterm", **{k: v for k, v in figures.items() if k != "left_at_exit"},
+           left_at_exit={k: drained[0].get(k) for k in (
+               "requests_left", "heartbeats_left", "publishes_unacknowledged")}
+           if drained else None)
+    assert exit_code == 0 and second_exit == 0
+    assert drained_in < config.drain_seconds + 5, figures
+    assert drained and drained[0]["requests_left"] == drained[0]["heartbeats_left"] == 0
+    assert drained[0]["publishes_unacknowledged"] == 0
+    assert set(statuses) <= {200, 201} and None not in statuses, figures
+    assert registered == len(writes), figures
+    assert not late, f"{len(late)} devices lost their last heartbeat, e.g. {late[:3]}"

@@ -47,11 +47,12 @@ async def run_until(
     count: int | None,
     duration: float | None,
     idle_timeout: float | None,
+    stop: asyncio.Event | None = None,
     poll: float = 0.05,
 ) -> None:
     """Run ``receive`` until it returns, or until ``count`` messages were counted,
-    ``duration`` seconds passed, or ``idle_timeout`` seconds passed without a message
-    after the first one; then cancel it."""
+    ``duration`` seconds passed, ``idle_timeout`` seconds passed without a message
+    after the first one, or ``stop`` is set; then cancel it."""
     task = asyncio.ensure_future(receive)
     start = time.perf_counter()
     try:
@@ -63,6 +64,8 @@ async def run_until(
             if duration is not None and now - start >= duration:
                 break
             if idle_timeout is not None and progress.first and now - progress.last > idle_timeout:
+                break
+            if stop is not None and stop.is_set():
                 break
     finally:
         if not task.done():

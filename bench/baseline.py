@@ -50,7 +50,7 @@ WHERE serial_number = $1 AND deleted_at IS NULL AND (last_ts IS NULL OR last_ts 
 
 
 @dataclass(slots=True)
-class _Counts:
+class Counts:
     applied: int = 0  # UPDATE hit a row
     skipped: int = 0  # unknown/deleted device, or not newer than the stored ts
     errors: int = 0  # undecodable payload or topic
@@ -97,7 +97,7 @@ class BaselineResult:
 
 
 async def _handle_all(
-    client: aiomqtt.Client, db: asyncpg.Connection, p: Progress, counts: _Counts
+    client: aiomqtt.Client, db: asyncpg.Connection, p: Progress, counts: Counts
 ) -> None:
     perf = time.perf_counter
     async for message in client.messages:
@@ -139,13 +139,18 @@ async def run_baseline(
     idle_timeout: float | None = 3.0,
     ready: asyncio.Event | None = None,
     client_id: str | None = None,
+    progress: Progress | None = None,
+    counts: Counts | None = None,
+    stop: asyncio.Event | None = None,
 ) -> BaselineResult:
     """Handle heartbeats until ``count`` were handled, ``duration`` seconds passed (from
-    the subscription) or ``idle_timeout`` seconds passed without one after the first.
-    ``ready`` is set once subscribed."""
-    if count is None and duration is None and idle_timeout is None:
-        raise ValueError("give a count, a duration or an idle timeout")
-    progress, counts = Progress(), _Counts()
+    the subscription), ``idle_timeout`` seconds passed without one after the first, or
+    ``stop`` is set. ``ready`` is set once subscribed; ``progress`` and ``counts``
+    (optional) are the live counters, for a watcher (`bench.reference`)."""
+    if count is None and duration is None and idle_timeout is None and stop is None:
+        raise ValueError("give a count, a duration, an idle timeout or a stop event")
+    progress = Progress() if progress is None else progress
+    counts = Counts() if counts is None else counts
     db = await asyncpg.connect(database_url)
     try:
         async with aiomqtt.Client(
@@ -164,6 +169,7 @@ async def run_baseline(
                 count=count,
                 duration=duration,
                 idle_timeout=idle_timeout,
+                stop=stop,
             )
             cpu = cpu_seconds() - cpu0
     finally:

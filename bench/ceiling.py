@@ -108,12 +108,15 @@ async def run_ceiling(
     idle_timeout: float | None = 3.0,
     ready: asyncio.Event | None = None,
     client_id: str | None = None,
+    progress: Progress | None = None,
+    stop: asyncio.Event | None = None,
 ) -> ReceiveResult:
     """Subscribe and count until ``count`` messages, ``duration`` seconds (from the
-    subscription), or ``idle_timeout`` seconds without a message after the first.
-    ``ready`` is set once the subscription is acknowledged."""
-    if count is None and duration is None and idle_timeout is None:
-        raise ValueError("give a count, a duration or an idle timeout")
+    subscription), ``idle_timeout`` seconds without a message after the first, or until
+    ``stop`` is set. ``ready`` is set once the subscription is acknowledged; ``progress``
+    (optional) is the live counter, for a watcher (`bench.reference`)."""
+    if count is None and duration is None and idle_timeout is None and stop is None:
+        raise ValueError("give a count, a duration, an idle timeout or a stop event")
     queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()  # unbounded: never drops
     client = aiomqtt.Client(
         host,
@@ -124,7 +127,7 @@ async def run_ceiling(
         # loop read the queue directly.
         queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", lambda maxsize=0: queue),
     )
-    progress = Progress()
+    progress = Progress() if progress is None else progress
     async with client:
         await client.subscribe(heartbeat_filter(topic_prefix), qos=1)
         cpu0 = cpu_seconds()
@@ -132,7 +135,8 @@ async def run_ceiling(
             ready.set()
         receive = _count_drain(queue, progress) if drain else _count_async_for(client, progress)
         await run_until(
-            receive, progress, count=count, duration=duration, idle_timeout=idle_timeout
+            receive, progress, count=count, duration=duration, idle_timeout=idle_timeout,
+            stop=stop,
         )
         cpu = cpu_seconds() - cpu0
     return ReceiveResult(

@@ -366,6 +366,12 @@ class LoadGen:
     def connections(self) -> int:
         return len(self._conns)
 
+    @property
+    def sent_in_run(self) -> int:
+        """PUBLISHes written so far in the current (or the last) `run`; readable while a
+        run is in progress (e.g. by a task watching a subscriber's backlog)."""
+        return sum(c.sent for c in self._conns)
+
     # -- what was sent ----------------------------------------------------------------
 
     def last_sent_arrays(self) -> tuple[list[int], list[int]]:

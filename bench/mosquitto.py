@@ -39,6 +39,16 @@ from typing import Self
 MOSQUITTO_BIN = "/usr/sbin/mosquitto"
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto binds
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the usual bind-to-0 trick; racy but fine)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -118,6 +128,10 @@ class TunedMosquitto:
         attempts = 1 if self.port else 3
         for attempt in range(attempts):
             port = self.port or free_port(self.host)
+            # Otherwise the readiness probe below could connect to whoever holds the port.
+            if not port_is_free(port, self.host):
+                self._cleanup_dir()
+                raise RuntimeError(f"{self.host}:{port} is already in use")
             conf = self.tempdir / "mosquitto.conf"
             conf.write_text(
                 tuned_config(
@@ -128,13 +142,14 @@ class TunedMosquitto:
                     extra=self.extra_config,
                 )
             )
-            self.proc = subprocess.Popen(
-                [self.binary, "-c", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=(self.tempdir / "stderr.log").open("wb"),
-            )
-            if self._wait_listening(port):
+            with (self.tempdir / "stderr.log").open("wb") as stderr:
+                self.proc = subprocess.Popen(
+                    [self.binary, "-c", str(conf)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+            if self._wait_listening(port) and self.proc.poll() is None:
                 self.port = port
                 return
             self._terminate()

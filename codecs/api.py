@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -44,7 +45,8 @@ def reply_fields(payload: bytes) -> tuple[Any, str | None, str | int | None]:
     """
     try:
         document = _any_json.decode(payload)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
         return None, None, None
     if not isinstance(document, dict):
         return document, None, None
@@ -68,6 +70,11 @@ def parse_request(document: Any) -> Request:
         raise EnvelopeError(f"Invalid request envelope: {exc}") from exc
     request.headers = {name.lower(): value for name, value in request.headers.items()}
     request.method = request.method.upper()
+    # As in HTTP, the path may carry a query string; `query` wins where both name a key.
+    path, sep, query_string = request.path.partition("?")
+    if sep:
+        request.path = path
+        request.query = dict(parse_qsl(query_string, keep_blank_values=True)) | request.query
     return request
 
 

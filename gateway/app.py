@@ -121,6 +121,7 @@ async def serve(config: Config) -> None:
         min_size=config.db_pool_min,
         max_size=config.db_pool_max,
     ) as storage:
+        await storage.check_schema()
         gateway = Gateway(config, storage)
         await gateway.edge.connect_once()
         await gateway.run(stop)

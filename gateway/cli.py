@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import aiomqtt
+import asyncpg
 import structlog
 
 from gateway import auth, config, logs
@@ -133,11 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _event_loop_run(coroutine)
     except StorageUnavailable as exc:
-        print(f"gateway: database unreachable at {redact_url(cfg.database_url)}: {exc}",
+        print(f"gateway: database {redact_url(cfg.database_url)}: {exc}",
               file=sys.stderr)
     except aiomqtt.MqttError as exc:
         print(f"gateway: broker unreachable at {redact_url(cfg.mqtt_url)}: {exc}",
               file=sys.stderr)
+    except asyncpg.UndefinedTableError:
+        print(f"gateway: no gateway schema in {redact_url(cfg.database_url)}; "
+              "run `gateway db migrate`", file=sys.stderr)
+    except OSError as exc:  # e.g. the metrics address is already taken
+        print(f"gateway: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         return 0
     structlog.get_logger("gateway").debug("gateway.exit", code=1)

@@ -55,14 +55,52 @@ class Pending:
     first_received: float | None = None
 
     def supersedes(self, older: Pending) -> bool:
-        """True when applying self alone leaves the same state as older then self."""
+        """True when applying self alone leaves the same state as older then self.
+
+        Self must carry every field older carries, and be applied whenever older is:
+        both have a ``ts`` and self's is newer, or neither has one (a heartbeat without
+        ``ts`` is always applied and leaves the stored ``ts`` alone).
+        """
         new, old = self.heartbeat, older.heartbeat
-        if new.ts is None or old.ts is None or new.ts <= old.ts:
+        if (new.ts is None) != (old.ts is None):
+            return False
+        if new.ts is not None and old.ts is not None and new.ts <= old.ts:
             return False
         return all(
             getattr(new, name) is not None or getattr(old, name) is None
             for name in _WRITTEN_FIELDS
         )
+
+    def absorb(self, older: Pending) -> None:
+        """Take over what older still has to do once self replaces it: its acks."""
+        self.extra_acks = [*older.extra_acks, *(older.heartbeat.acks or ()), *self.extra_acks]
+        self.first_received = older.first_received or older.received
+
+
+def _fold(queue: list[Pending], entry: Pending) -> int | None:
+    """Fold ``entry`` into a device's queue where that changes nothing that gets written.
+
+    Returns the change in the queue's length, or None when the entry needs a slot of its
+    own. A heartbeat not newer than the newest queued one is skipped by the ts guard
+    whatever becomes of that one, so only its acks are kept; a heartbeat that supersedes
+    the newest entries replaces them. A device therefore holds about one entry however
+    long the database is away, whatever mix of heartbeats it sends.
+    """
+    if not queue:
+        return None
+    new, last = entry.heartbeat, queue[-1].heartbeat
+    if new.ts is not None and last.ts is not None and new.ts <= last.ts:
+        queue[-1].extra_acks = [*queue[-1].extra_acks, *entry.extra_acks, *(new.acks or ())]
+        metrics.HEARTBEATS_STALE.inc()
+        return 0
+    removed = 0
+    while queue and entry.supersedes(queue[-1]):
+        entry.absorb(queue.pop())
+        removed += 1
+    if not removed:
+        return None
+    queue.append(entry)
+    return 1 - removed
 
 
 class Ingest:
@@ -80,6 +118,8 @@ class Ingest:
         self._prefix = config.topic("devices/")
         self._pending: dict[str, list[Pending]] = {}
         self._count = 0
+        self._writing = 0  # entries of the batch being written; a failed write returns them
+        self._current: asyncio.Future[None] | None = None  # the writer's batch in hand
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -117,23 +157,19 @@ class Ingest:
 
     def add(self, serial: str, entry: Pending) -> None:
         queue = self._pending.get(serial)
-        if queue is None:
-            if self._count >= self._config.inbox_max:
+        change = None if queue is None else _fold(queue, entry)
+        if change is None:
+            # The batch being written counts: a failed write puts it back, and the cap
+            # must hold then too.
+            if self._count + self._writing >= self._config.inbox_max:
                 self._reject("overflow", serial, "heartbeat buffer is full")
                 return
-            self._pending[serial] = [entry]
-            self._count += 1
-        elif len(queue) == 1 and entry.supersedes(queue[0]):
-            older = queue[0]
-            entry.extra_acks = older.extra_acks + (older.heartbeat.acks or [])
-            entry.first_received = older.first_received or older.received
-            queue[0] = entry
-        else:
-            if self._count >= self._config.inbox_max:
-                self._reject("overflow", serial, "heartbeat buffer is full")
-                return
-            queue.append(entry)
-            self._count += 1
+            if queue is None:
+                self._pending[serial] = [entry]
+            else:
+                queue.append(entry)
+            change = 1
+        self._count += change
         metrics.INBOX_DEPTH.set(self._count)
         self._wakeup.set()
 
@@ -158,10 +194,15 @@ class Ingest:
             if not self._pending:
                 self._wakeup.clear()
             if batch:
-                await asyncio.shield(self._write(batch))
+                self._current = asyncio.ensure_future(self._write(batch))
+                await asyncio.shield(self._current)
 
     async def drain(self, deadline: float) -> None:
         """Write everything buffered, giving up at the monotonic ``deadline``."""
+        if self._current is not None and not self._current.done():
+            # The batch the cancelled writer had in hand finishes first: one writer at a
+            # time, so two transactions never lock the same devices in opposite orders.
+            await asyncio.wait({self._current}, timeout=max(0.0, deadline - time.monotonic()))
         while self._pending and time.monotonic() < deadline:
             await self._write(self._take(self._config.batch_max))
 
@@ -174,15 +215,21 @@ class Ingest:
             batch[serial] = pending[serial]
         for serial in batch:
             del pending[serial]
-        self._count -= sum(len(queue) for queue in batch.values())
+        # Taken entries still count against the cap until `_write` is done with them.
+        self._writing = sum(len(queue) for queue in batch.values())
+        self._count -= self._writing
         metrics.INBOX_DEPTH.set(self._count)
         return batch
 
     def _requeue(self, batch: dict[str, list[Pending]]) -> None:
-        """Put a batch back in front after a failed write (newer arrivals stay behind it)."""
+        """Put a batch back in front after a failed write (newer arrivals stay behind it,
+        and supersede its entries where they can, as in `add`)."""
         merged = dict(batch)
         for serial, queue in self._pending.items():
-            merged.setdefault(serial, []).extend(queue)
+            into = merged.setdefault(serial, [])
+            for entry in queue:
+                if _fold(into, entry) is None:
+                    into.append(entry)
         self._pending = merged
         self._count = sum(len(queue) for queue in merged.values())
         metrics.INBOX_DEPTH.set(self._count)
@@ -195,9 +242,12 @@ class Ingest:
             outcomes, acked = await self._storage.apply_heartbeats(rounds, acks)
         except StorageUnavailable as exc:
             log.warning("heartbeat.write_failed", error=str(exc), devices=len(batch))
+            self._writing = 0
             self._requeue(batch)
             await asyncio.sleep(0.5)
             return
+        finally:
+            self._writing = 0
         committed = time.time()
         metrics.BATCH_SIZE.observe(sum(len(q) for q in batch.values()))
         for queue in batch.values():

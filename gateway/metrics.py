@@ -53,7 +53,8 @@ REQUEST_DURATION = Histogram(
 )
 REQUESTS_DROPPED = Counter(
     "gateway_requests_dropped_total",
-    "Requests dropped unanswered, by reason (no_reply_topic, bad_reply_topic, overflow).",
+    "Requests dropped unanswered, by reason (no_reply_topic, bad_reply_topic, overflow, "
+    "error).",
     ["reason"],
 )
 MQTT_CONNECTED = Gauge("gateway_mqtt_connected", "1 while connected to the broker.")

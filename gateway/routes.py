@@ -466,6 +466,8 @@ async def list_commands(ctx: Context) -> Result:
     status = query.get("status")
     if status is not None and status not in COMMAND_STATUSES:
         f.error("status", "Must be one of: " + ", ".join(COMMAND_STATUSES))
+    if "\x00" in query.get("starting_after", ""):
+        f.error("starting_after", NUL_RULE)
     f.check("Invalid query")
     rows, has_more = await ctx.storage.list_commands(
         ctx.id, limit, query.get("starting_after"), status

@@ -85,6 +85,11 @@ class Requests:
             try:
                 # Shielded: a shutdown lets the request in hand finish and be answered.
                 await asyncio.shield(self.handle(incoming))
+            except Exception:
+                # `handle` answers every error it expects; anything else is a bug, and one
+                # request must not take the worker, and with it the gateway, down.
+                log.exception("request.crashed")
+                metrics.REQUESTS_DROPPED.labels("error").inc()
             finally:
                 self._busy -= 1
 

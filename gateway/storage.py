@@ -194,6 +194,18 @@ class Storage:
         metrics.DATABASE_CONNECTED.set(1)
         return True
 
+    async def check_schema(self) -> None:
+        """Raise SchemaMissing unless ``gateway db migrate`` has been applied."""
+        async with self._connection() as conn:
+            missing = await conn.fetchval(
+                "SELECT count(*) FROM unnest($1::text[]) AS t(name)"
+                " WHERE to_regclass(t.name) IS NULL",
+                ["devices", "device_settings", "device_settings_history", "commands",
+                 "api_keys", "device_credentials"],
+            )
+        if missing:
+            raise SchemaMissing("the database has no gateway schema; run `gateway db migrate`")
+
     # ---- API keys -------------------------------------------------------------------
 
     async def create_api_key(
@@ -552,7 +564,11 @@ class Storage:
                     device_id, idempotency_key,
                 )
                 if existing is not None:
-                    if existing["type"] != command_type or existing["params"] != params:
+                    # JSON equality, not Python's: true == 1 in Python but not in JSON.
+                    same_params = await conn.fetchval(
+                        "SELECT $1::jsonb = $2::jsonb", existing["params"], params
+                    )
+                    if existing["type"] != command_type or not same_params:
                         raise Conflict(
                             "The idempotency key was used for a different command"
                         )
@@ -676,6 +692,10 @@ class Storage:
                     )
                 )
         return outcomes, acked
+
+
+class SchemaMissing(StorageUnavailable):
+    """The database exists but ``schema.sql`` was not applied."""
 
 
 def _found(value: Any) -> Any:
@@ -803,7 +823,9 @@ FROM input i
 LEFT JOIN devices d ON d.serial_number = i.serial
 LEFT JOIN upd u ON u.id = d.id
 LEFT JOIN sent_by_device sb ON sb.device_id = u.id
-LEFT JOIN device_settings s ON s.device_id = u.id AND u.sv < s.version
+-- Any version but the current one needs an update: an older one a patch from history (or
+-- the full document once pruned), one never issued (newer than current) the full document.
+LEFT JOIN device_settings s ON s.device_id = u.id AND u.sv <> s.version
 LEFT JOIN device_settings_history h ON h.device_id = s.device_id AND h.version = u.sv
 """
 

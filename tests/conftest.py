@@ -31,6 +31,8 @@ MQTT_URL = os.environ.get("GATEWAY_TEST_MQTT", "mqtt://127.0.0.1:1883")
 MQTT_HOST = MQTT_URL.removeprefix("mqtt://").split(":")[0]
 MQTT_PORT = int(MQTT_URL.rsplit(":", 1)[1])
 TEMPLATE = f"gw_test_template_{os.getpid()}"
+# Without TCP_NODELAY, Nagle holds a request behind the previous PUBACK (~40 ms each).
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 logs.configure("console", "warning")
 
@@ -210,7 +212,8 @@ class Caller:
 async def caller(prefix: str, key: str | None, *, v5: bool = True) -> AsyncIterator[Caller]:
     protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
     reply_topic = f"{prefix}/api/v1/replies/{uuid.uuid4().hex[:8]}"
-    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, protocol=protocol) as client:
+    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, protocol=protocol,
+                              socket_options=NODELAY) as client:
         await client.subscribe(reply_topic, qos=1)
         c = Caller(client, prefix, reply_topic, key, v5)
         reader = asyncio.create_task(c._read())
@@ -271,8 +274,8 @@ class Device:
 
 @contextlib.asynccontextmanager
 async def device(prefix: str, serial: str) -> AsyncIterator[Device]:
-    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT,
-                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, protocol=aiomqtt.ProtocolVersion.V5,
+                              socket_options=NODELAY) as client:
         await client.subscribe(f"{prefix}/devices/{serial}/commands", qos=1)
         await client.subscribe(f"{prefix}/devices/{serial}/settings", qos=1)
         d = Device(client, prefix, serial)

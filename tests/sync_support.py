@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import aiomqtt
 import asyncpg
 import msgspec
+from conftest import Caller, Device, device
 from gateway_codecs import settings as settings_schema
 from prometheus_client import REGISTRY
-
-from conftest import Caller
 
 HEALTH_COLUMNS = (
     "firmware_version", "battery_percent", "storage_used_mb", "storage_total_mb",
     "signal_strength_dbm", "recording_state",
 )
+
+
+def no_nagle(client: aiomqtt.Client) -> None:
+    """TCP_NODELAY on a test client's socket.
+
+    Without it, a request published right after the PUBACK of the previous reply waits for
+    the broker's delayed ACK (about 40 ms on Linux): the conftest clients pay that on
+    every request/reply round trip and every heartbeat/answer.
+    """
+    sock = client._client.socket()
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@contextlib.asynccontextmanager
+async def sim_device(prefix: str, serial: str) -> AsyncIterator[Device]:
+    """conftest's simulated device, without Nagle's delay."""
+    async with device(prefix, serial) as dev:
+        no_nagle(dev.client)
+        yield dev
 
 
 def now_ms() -> int:
@@ -85,3 +109,49 @@ async def insert_devices(db: asyncpg.Connection, serials: Sequence[str]) -> list
             ids, document,
         )
     return ids
+
+
+def _mqtt_string(value: bytes) -> bytes:
+    return len(value).to_bytes(2, "big") + value
+
+
+def _mqtt_packet(first_byte: int, body: bytes) -> bytes:
+    length, encoded = len(body), bytearray()
+    while True:
+        length, digit = divmod(length, 128)
+        encoded.append(digit | (128 if length else 0))
+        if not length:
+            return bytes([first_byte]) + bytes(encoded) + body
+
+
+async def publish_burst(host: str, port: int, messages: Sequence[tuple[str, bytes]]) -> float:
+    """Publish QoS 1 ``messages`` in order on one MQTT 3.1.1 connection, all in flight at
+    once; return the seconds until the last PUBACK.
+
+    aiomqtt awaits every PUBACK in a future of its own (about 1,000 msg/s on this
+    machine) and paho rescans its queue on every PUBACK (a few thousand msg/s, and in
+    this process it would starve the gateway's event loop): neither measures the gateway.
+    Plain packets on a socket cost almost nothing.
+    """
+    if len(messages) > 65_535:
+        raise ValueError("packet ids must stay unique among the messages in flight")
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        client_id = f"burst-{uuid.uuid4().hex[:12]}".encode()
+        writer.write(_mqtt_packet(0x10, _mqtt_string(b"MQTT") + bytes([4, 0x02, 0, 60])
+                                  + _mqtt_string(client_id)))
+        assert await reader.readexactly(4) == b"\x20\x02\x00\x00", "CONNACK refused"
+        packets = [
+            _mqtt_packet(0x32, _mqtt_string(topic.encode()) + n.to_bytes(2, "big") + payload)
+            for n, (topic, payload) in enumerate(messages, start=1)
+        ]
+        start = time.perf_counter()
+        writer.write(b"".join(packets))
+        acks = await reader.readexactly(4 * len(messages))
+        elapsed = time.perf_counter() - start
+        assert acks[0::4] == b"\x40" * len(messages), "expected only PUBACKs"
+        writer.write(b"\xe0\x00")  # DISCONNECT
+        await writer.drain()
+        return elapsed
+    finally:
+        writer.close()

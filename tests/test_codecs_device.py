@@ -239,7 +239,7 @@ REJECTED = [
 
 
 @pytest.mark.parametrize("encode", ENCODERS)
-@pytest.mark.parametrize(("field", "value"), ACCEPTED, ids=[f"{f}={str(v)[:16]}" for f, v in ACCEPTED])
+@pytest.mark.parametrize(("field", "value"), ACCEPTED, ids=[f"{f}={v!s:.16}" for f, v in ACCEPTED])
 def test_values_at_the_edges_of_each_range_are_accepted(field: str, value: Any,
                                                         encode: Any) -> None:
     """The boundary values of every constrained field decode."""
@@ -248,7 +248,7 @@ def test_values_at_the_edges_of_each_range_are_accepted(field: str, value: Any,
 
 
 @pytest.mark.parametrize("encode", ENCODERS)
-@pytest.mark.parametrize(("field", "value"), REJECTED, ids=[f"{f}={str(v)[:16]}" for f, v in REJECTED])
+@pytest.mark.parametrize(("field", "value"), REJECTED, ids=[f"{f}={v!s:.16}" for f, v in REJECTED])
 def test_values_outside_each_range_or_type_are_invalid(field: str, value: Any,
                                                       encode: Any) -> None:
     """A value of the wrong type or outside its range rejects the heartbeat as invalid."""

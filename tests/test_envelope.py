@@ -157,11 +157,13 @@ async def test_reply_without_correlation_has_no_correlation_id(api: Caller) -> N
 
 async def test_malformed_envelope_with_mqtt5_response_topic_is_400(api: Caller) -> None:
     """Not JSON, or JSON but not an object: 400 invalid_request to the Response Topic."""
-    for n, payload in enumerate((b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"GET"',
-                                 b"null", b'{"method": "GET", "path": "/v1/devices"')):
-        correlation = f"bad-{n}"
-        reply = await api.send(payload, correlation,
-                               v5_properties(api.reply_topic, correlation.encode()))
+    payloads = (b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"GET"', b"null",
+                b'{"method": "GET", "path": "/v1/devices"')
+    replies = await asyncio.gather(*(
+        api.send(payload, f"bad-{n}", v5_properties(api.reply_topic, f"bad-{n}".encode()))
+        for n, payload in enumerate(payloads)
+    ))
+    for payload, reply in zip(payloads, replies, strict=True):
         assert reply["status"] == 400, payload
         assert reply["body"]["error"]["type"] == "invalid_request", payload
 
@@ -198,11 +200,12 @@ async def test_non_object_body_on_write_routes_is_400(
               ("POST", f"/v1/devices/{device_id}/reset"),
               ("PUT", f"/v1/devices/{device_id}/settings"),
               ("PATCH", f"/v1/devices/{device_id}/settings")]
-    for method, path in routes:
-        for body in ([{"serial_number": "SN-X"}], "SN-X", 5, True):
-            status, reply = await api.call(method, path, body)
-            assert status == 400, (method, path, body, reply)
-            assert reply["error"]["type"] == "invalid_request", (method, path, body)
+    requests = [(method, path, body) for method, path in routes
+                for body in ([{"serial_number": "SN-X"}], "SN-X", 5, True)]
+    replies = await asyncio.gather(*(api.call(*request) for request in requests))
+    for request, (status, reply) in zip(requests, replies, strict=True):
+        assert status == 400, (request, reply)
+        assert reply["error"]["type"] == "invalid_request", request
     assert await db.fetchval("SELECT count(*) FROM devices") == 1
     assert await db.fetchval("SELECT version FROM device_settings") == 1
     assert await db.fetchval("SELECT count(*) FROM commands") == 0
@@ -229,6 +232,20 @@ async def test_request_just_under_256_kib_is_handled(api: Caller) -> None:
     status, body = await api.call("POST", "/v1/devices", {
         "serial_number": "SN-NEARLY", "metadata": {"blob": "y" * (250 * 1024)}})
     assert status == 201 and len(body["metadata"]["blob"]) == 250 * 1024
+
+
+async def test_query_string_in_the_path_is_read_as_query(api: Caller) -> None:
+    """As in HTTP, a path may carry its query string; an explicit query wins on a clash."""
+    for n in range(3):
+        await api.call("POST", "/v1/devices", {"serial_number": f"SN-QS{n}"})
+    status, page = await api.call("GET", "/v1/devices?limit=1")
+    assert status == 200 and len(page["data"]) == 1 and page["has_more"] is True
+    status, page = await api.call("GET", "/v1/devices?serial_number=SN-QS1&limit=5")
+    assert [d["serial_number"] for d in page["data"]] == ["SN-QS1"]
+    status, page = await api.call("GET", "/v1/devices?limit=1", query={"limit": "2"})
+    assert len(page["data"]) == 2
+    status, body = await api.call("GET", "/v1/devices?limit=0")
+    assert status == 400 and body["error"]["type"] == "validation_error"
 
 
 # ---- reply topic confinement ---------------------------------------------------------
@@ -323,6 +340,14 @@ async def test_a_slow_request_does_not_block_other_requests(
     status, body = await asyncio.wait_for(slow, 5)
     assert status == 200 and body["version"] == 2
     assert body["settings"]["audio"]["codec"] == "aac"
+
+
+async def test_gateway_socket_sends_replies_without_nagle_delay(gateway: Gateway) -> None:
+    """The gateway's broker socket has TCP_NODELAY: a reply written right after the PUBACK
+    of its request is not held back ~40 ms waiting for the broker's delayed ACK."""
+    sock = gateway.edge._client._client.socket()
+    assert isinstance(sock, socket.socket)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 async def test_mosquitto_rr_as_a_third_party_client(api: Caller, topic_prefix: str) -> None:

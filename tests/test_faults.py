@@ -32,16 +32,18 @@ from processes import (
     GatewayProcess,
     HealthLog,
     Mosquitto,
+    Postgres,
     RequestClient,
     connect_packet,
     publish_packet,
+    rss_mib,
     scrape,
     wait_reply,
 )
 
 from gateway import auth, metrics
 from gateway.config import Config
-from gateway.storage import HeartbeatColumns, Storage
+from gateway.storage import HeartbeatColumns, Storage, migrate
 
 DEVICES = int(os.environ.get("GATEWAY_FAULT_DEVICES", "1000"))
 INTERVAL = float(os.environ.get("GATEWAY_FAULT_INTERVAL", "1.0"))  # seconds between heartbeats
@@ -641,11 +643,11 @@ async def test_sigterm_drains_accepted_work_and_exits_0(
     sending = True
 
     async def register_devices(caller: RequestClient) -> None:
-        while sending:  # ~500 registrations a second, answered or not
+        while sending:  # ~200 registrations a second, answered or not
             for _ in range(5):
                 writes.append(caller.send("POST", "/v1/devices",
                                           {"serial_number": f"DRAIN-{len(writes)}"}))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.025)
 
     try:
         gateway.start()
@@ -668,7 +670,7 @@ async def test_sigterm_drains_accepted_work_and_exits_0(
 
             gateway.start()  # the same session: it gets what the first run left unacked
             await gateway.wait_healthy()
-            answers = await asyncio.gather(*(wait_reply(w, 15) for w in writes))
+            answers = await asyncio.gather(*(wait_reply(w, 30) for w in writes))
             caught_up_in, late = await wait_converged(db, fleet.latest, 10)
             registered = await db.fetchval(
                 "SELECT count(*) FROM devices WHERE serial_number LIKE 'DRAIN-%'")
@@ -704,3 +706,164 @@ async def test_sigterm_drains_accepted_work_and_exits_0(
     assert set(statuses) <= {200, 201} and None not in statuses, figures
     assert registered == len(writes), figures
     assert not late, f"{len(late)} devices lost their last heartbeat, e.g. {late[:3]}"
+
+
+# ---- 3. database outage -------------------------------------------------------------------
+
+
+async def test_database_outage_answers_503_at_once_bounds_memory_and_catches_up(
+    config: Config, topic_prefix: str
+) -> None:
+    """PostgreSQL (our own cluster) is stopped for DB_OUTAGE seconds while 1,000 devices
+    heartbeat and requests arrive, then started. The gateway stays up; /healthz and
+    gateway_database_connected go down and up; every request is answered 503 `unavailable`
+    at once, never 500; buffered heartbeats coalesce to one per device (a device replaying
+    a stale heartbeat too); devices that come online during the outage fill the buffer up
+    to its cap and the rest are counted as `overflow`; the pool reconnects without a
+    restart and every device catches up."""
+    serials = serials_for(DEVICES)
+    late_serials = serials_for(400, "LATE-")
+    cap = DEVICES + len(late_serials) // 2
+    pg = Postgres()
+    broker = Mosquitto()
+    try:
+        await asyncio.to_thread(pg.init)
+        await asyncio.to_thread(pg.start)
+        await asyncio.to_thread(broker.start)
+        url = pg.url("gateway")
+        await migrate(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await seed(conn, [*serials, *late_serials, "REPLAYER"])
+            device_id = await conn.fetchval(
+                "SELECT id FROM devices WHERE serial_number = $1", serials[0])
+        finally:
+            await conn.close()
+        key = (await create_key(url, auth.READ, auth.WRITE))[1]
+        cfg = dataclasses.replace(config, mqtt_url=broker.url, database_url=url,
+                                  inbox_max=cap)
+        overflow_before = metrics.HEARTBEATS_REJECTED.labels("overflow")._value.get()
+        async with running_gateway(cfg) as gw, \
+                RequestClient(broker.port, topic_prefix, key) as caller:
+            health = HealthLog(cfg.metrics_endpoint[1], interval=0.1)
+            health.start()
+            fleet = Fleet(broker.port, topic_prefix, serials)
+            fleet.start()
+            await asyncio.sleep(2 * INTERVAL)
+            assert (await caller.call("GET", f"/v1/devices/{device_id}"))[0] == 200
+            rss_before = rss_mib(os.getpid())
+
+            stop_at = time.monotonic()
+            await asyncio.to_thread(pg.stop, "fast")
+            stopped_at = time.monotonic()
+            answers: list[tuple[float, int | None, Any]] = []
+            depths: list[int] = []
+            late_fleet = Fleet(broker.port, topic_prefix, late_serials, connections=1)
+            depth_coalesced = None
+
+            async def replay() -> None:  # one stale heartbeat, again and again
+                async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+                    stale = msgspec.json.encode({"ts": 1, "battery_percent": 1})
+                    while True:
+                        await client.publish(f"{topic_prefix}/devices/REPLAYER/heartbeat",
+                                             stale, qos=1)
+                        await asyncio.sleep(0.002)
+
+            replayer = asyncio.create_task(replay())
+            while time.monotonic() - stopped_at < DB_OUTAGE:
+                if depth_coalesced is None and time.monotonic() - stopped_at > 1.5 * INTERVAL:
+                    # Every device has heartbeated a few times by now, the replayer hundreds.
+                    depth_coalesced = gw.ingest.depth
+                    late_fleet.start()
+                for method, path, body in (
+                    ("GET", f"/v1/devices/{device_id}", None),
+                    ("PATCH", f"/v1/devices/{device_id}", {"metadata": {"during": "outage"}}),
+                ):
+                    sent = time.monotonic()
+                    result = await caller.call(method, path, body, within=10)
+                    answers.append((time.monotonic() - sent, *(result or (None, None))))
+                depths.append(gw.ingest.depth)
+                await asyncio.sleep(0.25)
+            replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await asyncio.wait_for(replayer, 15)
+            rss_outage = rss_mib(os.getpid())
+            buffered_latest = dict(fleet.latest)
+            buffered_latest.update(late_fleet.latest)
+
+            await asyncio.to_thread(pg.start)
+            started_at = time.monotonic()
+            first_ok = None
+            while first_ok is None and time.monotonic() - started_at < 15:
+                result = await caller.call("GET", f"/v1/devices/{device_id}", within=5)
+                if result is not None and result[0] == 200:
+                    first_ok = time.monotonic() - started_at
+                else:
+                    await asyncio.sleep(0.05)
+            await wait_for(lambda: health.first(started_at, status=200, database=1.0), 10)
+            caught_up_in, behind_buffered = await wait_converged_url(url, buffered_latest, 15)
+            await asyncio.sleep(INTERVAL)
+            await fleet.stop()
+            await late_fleet.stop()
+            _, late = await wait_converged_url(url, {**fleet.latest, **late_fleet.latest}, 10)
+            await health.stop()
+            statuses_500 = sum(
+                value for name, value in (await scrape(cfg.metrics_endpoint[1])).items()
+                if name.startswith("gateway_requests_total") and 'status="500"' in name)
+    finally:
+        await asyncio.to_thread(pg.close)
+        await asyncio.to_thread(broker.close)
+
+    overflow = metrics.HEARTBEATS_REJECTED.labels("overflow")._value.get() - overflow_before
+    during = answers
+    latencies = sorted(a[0] for a in during)
+    figures = {
+        "devices": len(serials),
+        "outage_s": DB_OUTAGE,
+        "pg_stop_s": round(stopped_at - stop_at, 2),
+        "healthz_503_after_stop_s": _since(health.first(stop_at, status=503, database=0.0),
+                                           stop_at),
+        "requests_during_outage": len(during),
+        "answered_503_unavailable": sum(1 for a in during if a[1] == 503
+                                        and a[2]["error"]["type"] == "unavailable"),
+        "reply_latency_max_s": round(latencies[-1], 3),
+        "reply_latency_median_s": round(latencies[len(latencies) // 2], 3),
+        "inbox_depth_coalesced": depth_coalesced,
+        "inbox_depth_max": max(depths),
+        "inbox_cap": cap,
+        "devices_joining_during_outage": len(late_serials),
+        "heartbeats_sent_during_outage": sum(
+            1 for _, _, at in fleet.acked if stopped_at < at < started_at),
+        "overflow_rejections": overflow,
+        "rss_growth_during_outage_mib": round(rss_outage - rss_before, 1),
+        "first_200_after_pg_start_s": first_ok and round(first_ok, 2),
+        "healthz_200_after_pg_start_s": _since(health.first(started_at, status=200),
+                                               started_at),
+        "buffered_heartbeats_written_after_pg_start_s": caught_up_in and round(caught_up_in, 2),
+        "final_devices_behind": len(late),
+        "requests_answered_500": statuses_500,
+    }
+    report("database_outage", **figures)
+    assert all(a[1] == 503 and a[2]["error"]["type"] == "unavailable" for a in during), during
+    assert latencies[-1] < 1.0, "a request waited for the database instead of failing fast"
+    assert statuses_500 == 0
+    assert figures["healthz_503_after_stop_s"] is not None
+    # One entry per device while they coalesce; devices joining later hit the cap.
+    assert depth_coalesced is not None and depth_coalesced <= DEVICES + 1, figures
+    assert max(depths) <= cap and overflow > 0, figures
+    assert rss_outage - rss_before < 32, figures
+    assert first_ok is not None and first_ok < 5, figures
+    assert not behind_buffered and not late, figures
+
+
+def _since(moment: float | None, start: float) -> float | None:
+    return None if moment is None else round(moment - start, 2)
+
+
+async def wait_converged_url(url: str, want: dict[str, int],
+                             within: float) -> tuple[float | None, list[str]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await wait_converged(conn, want, within)
+    finally:
+        await conn.close()

@@ -165,22 +165,17 @@ async def test_register_validation_error_names_every_bad_field(
     assert await db.fetchval("SELECT count(*) FROM devices") == 0
 
 
-async def test_register_without_serial_is_validation_error(api: Caller) -> None:
-    """serial_number is required: a body without it (or an empty body) names it."""
-    for body in ({}, {"device_type": "bota_pin_v1"}, None):
-        status, reply = await api.call("POST", "/v1/devices", body)
-        assert bad_fields(status, reply) == {"serial_number"}, body
-
-
 async def test_register_serial_outside_the_pattern_is_validation_error(
     api: Caller, db: asyncpg.Connection
 ) -> None:
-    """Serials must match ^[A-Za-z0-9._:-]{1,128}$ exactly (they become topic levels)."""
+    """serial_number is required and must match ^[A-Za-z0-9._:-]{1,128}$ exactly (it
+    becomes a topic level); anything else is a validation error naming it."""
     bad = ["", " ", "a b", "a/b", "a+b", "a#b", "x" * 129, "SN-1\n", "\nSN-1", "SN\x00",
-           "SÑ-1", "SN-1 ", 12345, True, {"a": 1}]
-    for serial in bad:
-        status, body = await api.call("POST", "/v1/devices", {"serial_number": serial})
-        assert bad_fields(status, body) == {"serial_number"}, repr(serial)
+           "SÑ-1", "SN-1 ", 12345, True, {"a": 1}, None]
+    bodies = [{"serial_number": serial} for serial in bad] + [{}, {"device_type": "x"}, None]
+    replies = await asyncio.gather(*(api.call("POST", "/v1/devices", b) for b in bodies))
+    for body, (status, reply) in zip(bodies, replies, strict=True):
+        assert bad_fields(status, reply) == {"serial_number"}, repr(body)
     assert await db.fetchval("SELECT count(*) FROM devices") == 0
     for serial in ("a", "x" * 128, "SN.2025:01_a-B"):
         assert (await api.call("POST", "/v1/devices", {"serial_number": serial}))[0] == 201
@@ -190,8 +185,10 @@ async def test_model_is_device_type_without_trailing_version(api: Caller) -> Non
     """model drops a trailing _v<digits> from device_type, and is null without a type."""
     cases = {"bota_pin_v1": "bota_pin", "bota_note_v12": "bota_note", "sensor": "sensor",
              "v2_thing": "v2_thing", "pin_v1_x": "pin_v1_x"}
-    for n, (device_type, model) in enumerate(cases.items()):
-        assert (await register(api, f"SN-M{n}", device_type=device_type))["model"] == model
+    devices = await asyncio.gather(*(
+        register(api, f"SN-M{n}", device_type=device_type) for n, device_type in enumerate(cases)
+    ))
+    assert [d["model"] for d in devices] == list(cases.values())
     assert (await register(api, "SN-MNONE"))["model"] is None
 
 
@@ -245,8 +242,11 @@ async def test_list_of_empty_registry_is_empty(api: Caller) -> None:
 
 async def test_list_limit_outside_1_to_100_is_validation_error(api: Caller) -> None:
     """limit must be an integer 1..100; anything else names the limit field."""
-    for limit in ("0", "101", "-1", "abc", "", "1.5", " 5", "²", "٣", "9" * 5000):
-        status, body = await api.call("GET", "/v1/devices", query={"limit": limit})
+    limits = ("0", "101", "-1", "abc", "", "1.5", " 5", "²", "٣", "9" * 5000)
+    replies = await asyncio.gather(*(
+        api.call("GET", "/v1/devices", query={"limit": limit}) for limit in limits
+    ))
+    for limit, (status, body) in zip(limits, replies, strict=True):
         assert bad_fields(status, body) == {"limit"}, limit
     for limit in ("1", "100"):
         assert (await api.call("GET", "/v1/devices", query={"limit": limit}))[0] == 200
@@ -345,17 +345,24 @@ async def test_pagination_has_no_gaps_or_repeats_while_devices_are_added(api: Ca
 # ---- get / patch / delete / restore -------------------------------------------------
 
 
-async def test_get_device_returns_it(api: Caller) -> None:
-    """GET /v1/devices/{id} answers the device as registered."""
-    created = await register(api, "SN-GET", device_type="bota_note_v2", metadata={"a": 1})
-    assert await api.call("GET", f"/v1/devices/{created['id']}") == (200, created)
-
-
-async def test_get_unknown_device_is_404(api: Caller) -> None:
-    """An id that names no device (or could not be an id at all) is 404 not_found."""
-    for device_id in ("dev_nothere", "nope", "dev_x'--", "dev_%20", "dev_ü"):
-        status, body = await api.call("GET", f"/v1/devices/{device_id}")
-        error_of(status, body, 404, "not_found")
+async def test_unknown_device_is_404_on_every_device_route(api: Caller) -> None:
+    """An id that names no device (or could not be an id at all) is 404 not_found on get,
+    patch, delete, restore, bind, unbind, reset and the settings routes."""
+    await register(api, "SN-EXISTS")
+    requests = [
+        (method, f"/v1/devices/{device_id}{suffix}", body)
+        for device_id in ("dev_nothere", "nope", "dev_x'--", "dev_%20", "dev_ü")
+        for method, suffix, body in (
+            ("GET", "", None), ("PATCH", "", {"metadata": {"a": 1}}), ("DELETE", "", None),
+            ("POST", "/restore", None), ("POST", "/bind", {"end_user_id": "eu_1"}),
+            ("POST", "/unbind", None), ("POST", "/reset", None), ("GET", "/settings", None),
+            ("PUT", "/settings", {}), ("PATCH", "/settings", {}),
+        )
+    ]
+    replies = await asyncio.gather(*(api.call(*request) for request in requests))
+    for request, (status, reply) in zip(requests, replies, strict=True):
+        assert status == 404, request
+        error_of(status, reply, 404, "not_found")
 
 
 async def test_patch_metadata_is_a_json_merge_patch(api: Caller) -> None:
@@ -394,32 +401,29 @@ async def test_patch_firmware_version_keeps_everything_else(api: Caller) -> None
     assert body["updated_at"] > created["updated_at"]
 
 
-async def test_patch_firmware_version_null_clears_it(api: Caller) -> None:
-    """PATCH is a merge patch: firmware_version null clears the stored version."""
-    created = await register(api, "SN-FWNULL", firmware_version="1.0")
+async def test_patch_null_clears_firmware_version_and_metadata(api: Caller) -> None:
+    """PATCH is a merge patch: firmware_version null and metadata null clear them."""
+    created = await register(api, "SN-FWNULL", firmware_version="1.0", metadata={"a": 1})
     status, body = await api.call("PATCH", f"/v1/devices/{created['id']}",
                                   {"firmware_version": None})
-    assert status == 200 and body["firmware_version"] is None
-    assert (await api.call("GET", f"/v1/devices/{created['id']}"))[1]["firmware_version"] is None
+    assert status == 200 and body["firmware_version"] is None and body["metadata"] == {"a": 1}
+    status, body = await api.call("PATCH", f"/v1/devices/{created['id']}", {"metadata": None})
+    assert status == 200 and body["metadata"] is None
+    _, read = await api.call("GET", f"/v1/devices/{created['id']}")
+    assert read["firmware_version"] is None and read["metadata"] is None
 
 
 async def test_patch_metadata_value_of_another_json_type_is_a_change(api: Caller) -> None:
-    """true replaces 1 and 1.0 replaces 1 in metadata (JSON types are kept apart)."""
+    """true replaces 1, false replaces 0, 1.0 replaces 1: JSON types are kept apart even
+    where Python's == would call them equal."""
     created = await register(api, "SN-TYPES", metadata={"a": 1, "b": 0, "c": 1})
     status, body = await api.call("PATCH", f"/v1/devices/{created['id']}",
-                                  {"metadata": {"a": True, "b": False, "c": 1.5}})
+                                  {"metadata": {"a": True, "b": False, "c": 1.0}})
     assert status == 200
-    assert body["metadata"] == {"a": True, "b": False, "c": 1.5}
-    assert body["metadata"]["a"] is True and body["metadata"]["b"] is False
-    _, read = await api.call("GET", f"/v1/devices/{created['id']}")
-    assert read["metadata"]["a"] is True and read["metadata"]["b"] is False
-
-
-async def test_patch_metadata_null_clears_it(api: Caller) -> None:
-    """PATCH metadata null clears the metadata to null."""
-    created = await register(api, "SN-MNULL", metadata={"a": 1})
-    status, body = await api.call("PATCH", f"/v1/devices/{created['id']}", {"metadata": None})
-    assert status == 200 and body["metadata"] is None
+    for metadata in (body["metadata"],
+                     (await api.call("GET", f"/v1/devices/{created['id']}"))[1]["metadata"]):
+        assert metadata["a"] is True and metadata["b"] is False
+        assert isinstance(metadata["c"], float)
 
 
 async def test_patch_with_nothing_changed_keeps_updated_at(api: Caller) -> None:
@@ -440,12 +444,6 @@ async def test_patch_validation_error_names_every_bad_field(api: Caller) -> None
     assert (await api.call("GET", f"/v1/devices/{created['id']}"))[1] == created
 
 
-async def test_patch_unknown_device_is_404(api: Caller) -> None:
-    """PATCH of an unknown device is 404 not_found."""
-    status, body = await api.call("PATCH", "/v1/devices/dev_nothere", {"metadata": {"a": 1}})
-    error_of(status, body, 404, "not_found")
-
-
 async def test_delete_answers_deleted_and_the_device_then_reads_as_404(
     api: Caller, db: asyncpg.Connection
 ) -> None:
@@ -456,7 +454,7 @@ async def test_delete_answers_deleted_and_the_device_then_reads_as_404(
     assert await api.call("DELETE", f"/v1/devices/{device_id}") == (
         200, {"id": device_id, "object": "device", "deleted": True}
     )
-    for method, path, body in (
+    requests = [
         ("GET", f"/v1/devices/{device_id}", None),
         ("PATCH", f"/v1/devices/{device_id}", {"metadata": {"a": 1}}),
         ("DELETE", f"/v1/devices/{device_id}", None),
@@ -466,19 +464,15 @@ async def test_delete_answers_deleted_and_the_device_then_reads_as_404(
         ("GET", f"/v1/devices/{device_id}/settings", None),
         ("PUT", f"/v1/devices/{device_id}/settings", {}),
         ("PATCH", f"/v1/devices/{device_id}/settings", {}),
-    ):
-        status, reply = await api.call(method, path, body)
+    ]
+    replies = await asyncio.gather(*(api.call(*request) for request in requests))
+    for request, (status, reply) in zip(requests, replies, strict=True):
+        assert status == 404, request
         error_of(status, reply, 404, "not_found")
     row = await db.fetchrow("SELECT serial_number, deleted_at FROM devices WHERE id = $1",
                             device_id)
     assert row["serial_number"] == "SN-DELME" and row["deleted_at"] is not None
     assert await db.fetchval("SELECT count(*) FROM commands") == 0
-
-
-async def test_delete_unknown_device_is_404(api: Caller) -> None:
-    """DELETE of an id that names no device is 404 not_found."""
-    status, body = await api.call("DELETE", "/v1/devices/dev_nothere")
-    error_of(status, body, 404, "not_found")
 
 
 async def test_restore_returns_the_device_as_it_was_before_the_delete(api: Caller) -> None:
@@ -500,12 +494,6 @@ async def test_restore_returns_the_device_as_it_was_before_the_delete(api: Calle
     assert await api.call("GET", f"/v1/devices/{device_id}/settings") == (200, settings_before)
     _, page = await api.call("GET", "/v1/devices", query={"serial_number": "SN-RESTORE"})
     assert [d["id"] for d in page["data"]] == [device_id]
-
-
-async def test_restore_unknown_device_is_404(api: Caller) -> None:
-    """Restore of an id that names no device is 404 not_found."""
-    status, body = await api.call("POST", "/v1/devices/dev_nothere/restore")
-    error_of(status, body, 404, "not_found")
 
 
 # ---- bind / unbind / reset -----------------------------------------------------------
@@ -546,9 +534,10 @@ async def test_bind_to_another_user_is_409_and_changes_nothing(api: Caller) -> N
 async def test_bind_without_end_user_id_is_validation_error(api: Caller) -> None:
     """end_user_id is required and must be a non-empty string."""
     created = await register(api, "SN-BIND4")
-    for body in (None, {}, {"end_user_id": ""}, {"end_user_id": 5},
-                 {"end_user_id": None}):
-        status, reply = await api.call("POST", f"/v1/devices/{created['id']}/bind", body)
+    bodies = (None, {}, {"end_user_id": ""}, {"end_user_id": 5}, {"end_user_id": None})
+    replies = await asyncio.gather(*(
+        api.call("POST", f"/v1/devices/{created['id']}/bind", body) for body in bodies))
+    for body, (status, reply) in zip(bodies, replies, strict=True):
         assert bad_fields(status, reply) == {"end_user_id"}, body
     assert (await api.call("GET", f"/v1/devices/{created['id']}"))[1]["status"] == "unbound"
 
@@ -582,10 +571,11 @@ async def test_reset_unbinds_and_answers_the_device(api: Caller) -> None:
     assert (await api.call("GET", f"/v1/devices/{device_id}"))[1] == body
 
 
-async def test_two_resets_queue_one_open_factory_reset(
+async def test_resets_never_queue_more_than_one_open_factory_reset(
     api: Caller, db: asyncpg.Connection
 ) -> None:
-    """Resetting twice leaves exactly one open factory_reset command for the device."""
+    """Two resets, then ten at once: all answer 200, and the device has exactly one open
+    factory_reset command."""
     created = await register(api, "SN-RST2")
     for _ in range(2):
         assert (await api.call("POST", f"/v1/devices/{created['id']}/reset"))[0] == 200
@@ -593,21 +583,11 @@ async def test_two_resets_queue_one_open_factory_reset(
     assert [(r["type"], r["status"], r["device_id"]) for r in rows] == [
         ("factory_reset", "pending", created["id"])
     ]
-
-
-async def test_concurrent_resets_queue_one_open_factory_reset(
-    api: Caller, db: asyncpg.Connection
-) -> None:
-    """Ten simultaneous resets all answer 200 and leave one open factory_reset."""
-    created = await register(api, "SN-RST3")
     replies = await asyncio.gather(*(
         api.call("POST", f"/v1/devices/{created['id']}/reset") for _ in range(10)
     ))
     assert [status for status, _ in replies] == [200] * 10
-    assert await db.fetchval(
-        "SELECT count(*) FROM commands WHERE type = 'factory_reset'"
-        " AND status IN ('pending', 'delivered')"
-    ) == 1
+    assert await db.fetchval("SELECT count(*) FROM commands") == 1
 
 
 async def test_reset_with_a_body_field_is_validation_error(
@@ -636,7 +616,8 @@ async def test_new_device_settings_are_the_defaults_at_version_1(api: Caller) ->
 
 
 async def test_put_settings_replaces_the_whole_document(api: Caller) -> None:
-    """PUT is a full replacement: omitted namespaces and fields take their defaults."""
+    """PUT is a full replacement: omitted namespaces and fields take their defaults, and
+    an empty body (or none) puts every field back to its default."""
     created = await register(api, "SN-S2")
     path = f"/v1/devices/{created['id']}/settings"
     await api.call("PATCH", path, {"audio": {"codec": "aac"}, "upload": {"allow_roaming": True},
@@ -651,15 +632,8 @@ async def test_put_settings_replaces_the_whole_document(api: Caller) -> None:
     assert read["settings"] == body["settings"] and read["version"] == 3
     assert (await api.call("GET", f"/v1/devices/{created['id']}"))[1]["settings"] == \
         body["settings"]
-
-
-async def test_put_settings_with_empty_body_resets_to_defaults(api: Caller) -> None:
-    """PUT {} (or no body) puts every field back to its default."""
-    created = await register(api, "SN-S2B")
-    path = f"/v1/devices/{created['id']}/settings"
-    await api.call("PATCH", path, {"audio": {"bitrate_kbps": 64}})
-    for body in ({}, None):
-        status, reply = await api.call("PUT", path, body)
+    for empty in ({}, None):
+        status, reply = await api.call("PUT", path, empty)
         assert status == 200 and reply["settings"] == DEFAULT_SETTINGS
 
 
@@ -824,13 +798,6 @@ async def test_get_settings_reports_the_version_the_device_applied(
         await wait_for(applied)
 
 
-async def test_settings_of_unknown_device_are_404(api: Caller) -> None:
-    """Settings routes of an unknown device are 404 not_found."""
-    for method, body in (("GET", None), ("PUT", {}), ("PATCH", {})):
-        status, reply = await api.call(method, "/v1/devices/dev_nothere/settings", body)
-        error_of(status, reply, 404, "not_found")
-
-
 # ---- Telemetron upsert ---------------------------------------------------------------
 
 
@@ -877,6 +844,26 @@ async def test_telemetron_upsert_updates_merging_properties_key_by_key(api: Call
     assert read["device_type"] == "gateway" and read["metadata"]["model"] == "TM-500"
 
 
+async def test_concurrent_telemetron_upserts_create_one_device(
+    api: Caller, db: asyncpg.Connection
+) -> None:
+    """Ten simultaneous upserts of a new identifier: one "created", nine "updated", one
+    device with one settings row, every property merged."""
+    replies = await asyncio.gather(*(
+        api.call("POST", "/api/ext-v1/device", {
+            "identifier": "sensor-race", "type": "sensor", "properties": {f"p{n}": n}})
+        for n in range(10)
+    ))
+    assert [status for status, _ in replies] == [200] * 10
+    messages = sorted(body["message"] for _, body in replies)
+    assert messages == ["Device created successfully"] + ["Device updated successfully"] * 9
+    assert len({body["deviceId"] for _, body in replies}) == 1
+    assert await db.fetchval("SELECT count(*) FROM devices") == 1
+    assert await db.fetchval("SELECT count(*) FROM device_settings") == 1
+    _, read = await api.call("GET", f"/v1/devices/{replies[0][1]['deviceId']}")
+    assert read["metadata"] == {f"p{n}": n for n in range(10)}
+
+
 async def test_telemetron_upsert_of_registered_device_updates_it(api: Caller) -> None:
     """A serial registered through /v1/devices is found by its identifier (one registry)."""
     created = await register(api, "SN-T3", device_type="bota_pin_v1", metadata={"a": 1})
@@ -900,26 +887,26 @@ async def test_telemetron_create_without_type_is_400_in_its_shape(
     assert await db.fetchval("SELECT count(*) FROM devices") == 0
 
 
-async def test_telemetron_missing_or_invalid_identifier_is_400_in_its_shape(
+async def test_telemetron_missing_or_invalid_fields_are_400_in_its_shape(
     api: Caller, db: asyncpg.Connection
 ) -> None:
-    """identifier is required, non-empty, and follows the serial rule."""
-    for body in ({"type": "sensor"}, {"identifier": "", "type": "sensor"},
-                 {"identifier": 5, "type": "sensor"}, {"identifier": "a b", "type": "sensor"},
-                 {"identifier": "x/y", "type": "sensor"},
-                 {"identifier": "ok\n", "type": "sensor"}, None, ["identifier"]):
-        status, reply = await api.call("POST", "/api/ext-v1/device", body)
+    """identifier is required, non-empty, and follows the serial rule; type must be a
+    string and properties an object: otherwise 400 {"success": false, "message"}."""
+    bodies: list[Any] = [
+        {"type": "sensor"}, {"identifier": "", "type": "sensor"},
+        {"identifier": 5, "type": "sensor"}, {"identifier": "a b", "type": "sensor"},
+        {"identifier": "x/y", "type": "sensor"}, {"identifier": "ok\n", "type": "sensor"},
+        None, ["identifier"], {"identifier": "s1", "type": 3},
+        {"identifier": "s1", "type": ""}, {"identifier": "s1", "type": "sensor",
+                                             "properties": [1]},
+    ]
+    replies = await asyncio.gather(*(
+        api.call("POST", "/api/ext-v1/device", body) for body in bodies))
+    for body, (status, reply) in zip(bodies, replies, strict=True):
         assert status == 400, body
         assert set(reply) == {"success", "message"} and reply["success"] is False, body
+        assert isinstance(reply["message"], str) and reply["message"], body
     assert await db.fetchval("SELECT count(*) FROM devices") == 0
-
-
-async def test_telemetron_bad_fields_are_400_in_its_shape(api: Caller) -> None:
-    """A non-string type or non-object properties is a 400 in the Telemetron shape."""
-    for body in ({"identifier": "s1", "type": 3}, {"identifier": "s1", "type": ""},
-                 {"identifier": "s1", "type": "sensor", "properties": [1]}):
-        status, reply = await api.call("POST", "/api/ext-v1/device", body)
-        assert status == 400 and reply["success"] is False, body
 
 
 async def test_telemetron_bad_key_is_401_in_its_shape(
@@ -1011,14 +998,17 @@ async def test_sql_metacharacters_in_query_parameters_match_nothing(api: Caller)
     """Injection attempts in list filters match no device and never widen the result."""
     await register(api, "SN-Q1")
     await register(api, "SN-Q2")
-    for text in [*NASTY, "' OR '1'='1", "SN-Q1' OR '1'='1"]:
-        for name in ("serial_number", "end_user_id"):
-            status, page = await api.call("GET", "/v1/devices", query={name: text})
-            assert (status, page["data"]) == (200, []), (name, text)
-        status, body = await api.call("GET", "/v1/devices", query={"status": text})
-        assert bad_fields(status, body) == {"status"}
-        status, body = await api.call("GET", "/v1/devices", query={"starting_after": text})
-        error_of(status, body, 404, "not_found")
+    texts = [*NASTY, "' OR '1'='1", "SN-Q1' OR '1'='1"]
+    queries = [{name: text} for text in texts
+               for name in ("serial_number", "end_user_id", "status", "starting_after")]
+    replies = await asyncio.gather(*(api.call("GET", "/v1/devices", query=q) for q in queries))
+    for query, (status, body) in zip(queries, replies, strict=True):
+        if "status" in query:
+            assert bad_fields(status, body) == {"status"}, query
+        elif "starting_after" in query:
+            error_of(status, body, 404, "not_found")
+        else:
+            assert (status, body["data"]) == (200, []), query
     _, page = await api.call("GET", "/v1/devices")
     assert len(page["data"]) == 2
 
@@ -1028,12 +1018,15 @@ async def test_sql_metacharacters_in_serial_are_validation_errors(
 ) -> None:
     """A serial with quotes, spaces, backslashes or unicode fails the pattern; nothing stored."""
     before = await row_counts(db)
-    for text in NASTY:
-        status, body = await api.call("POST", "/v1/devices", {"serial_number": text})
+    registered = await asyncio.gather(*(
+        api.call("POST", "/v1/devices", {"serial_number": text}) for text in NASTY))
+    upserted = await asyncio.gather(*(
+        api.call("POST", "/api/ext-v1/device", {"identifier": text, "type": "sensor"})
+        for text in NASTY))
+    for text, (status, body), (t_status, t_body) in zip(NASTY, registered, upserted,
+                                                          strict=True):
         assert bad_fields(status, body) == {"serial_number"}, text
-        status, body = await api.call("POST", "/api/ext-v1/device",
-                                      {"identifier": text, "type": "sensor"})
-        assert status == 400 and body["success"] is False, text
+        assert t_status == 400 and t_body["success"] is False, text
     assert await row_counts(db) == before
 
 
@@ -1064,8 +1057,9 @@ async def test_nul_characters_are_validation_errors_not_server_errors(
         ("PATCH", f"/v1/devices/{device_id}", {"firmware_version": "\x00"}),
         ("POST", f"/v1/devices/{device_id}/bind", {"end_user_id": "eu\x00"}),
     ]
-    for method, path, body in cases:
-        status, reply = await api.call(method, path, body)
+    replies = await asyncio.gather(*(api.call(*case) for case in cases))
+    for case, (status, reply) in zip(cases, replies, strict=True):
+        assert status == 400, case
         error_of(status, reply, 400, "validation_error")
     status, reply = await api.call("POST", "/api/ext-v1/device", {
         "identifier": "sensor-nul", "type": "sensor", "properties": {"k": "\x00"}})
@@ -1091,5 +1085,6 @@ async def test_every_device_route_answers_the_same_device_object(api: Caller) ->
     ]
     for status, body in replies:
         assert status == 200 and set(body) == keys
+    assert replies[0][1] == created  # GET answers the device as registered
     _, page = await api.call("GET", "/v1/devices")
     assert set(page["data"][0]) == keys

@@ -1,0 +1,1140 @@
+"""The throughput benchmark: one command, a tuned broker, the gateway, a seeded fleet.
+
+::
+
+    python -m bench.run --devices 1000000 --duration 60
+
+From the repository root (``bench`` is not an installed package). What it does, in order:
+
+1. ``gateway db migrate`` into ``--database-url`` (default ``gw_bench``, created if
+   missing) and seeds the devices that are missing (``bench.seed``; 1M take ~45 s once,
+   later runs only count them).
+2. Starts a tuned Mosquitto (``bench.mosquitto``) and the gateway as a subprocess
+   (``python -m gateway.cli run ... --log-level warning``), waits for ``/healthz``.
+3. **Ladder**: offers heartbeats (``bench.loadgen``, MQTT 3.1.1 QoS 1, devices visited
+   round-robin) at each rate of ``--rates`` for ``--step-seconds`` and stops at the
+   first rate the gateway does not sustain. A rate is *sustained* when, within
+   ``--grace`` seconds after the last heartbeat was sent, the gateway's
+   ``gateway_heartbeats_applied_total`` grew by exactly what was sent, nothing was
+   rejected, and a sample of the devices heartbeated in the step has in PostgreSQL
+   exactly the ``ts`` and ``battery_percent`` last sent to it.
+4. **Soak**: ``--duration`` seconds at ``--soak-rate`` (default 16,667/s, a million
+   devices once a minute; the highest sustained ladder rate if that is lower), with
+   the same checks on a larger sample (``--verify-sample``), receive-to-commit lag
+   p50/p99 from the gateway's ``gateway_heartbeat_lag_seconds`` histogram (diffed over
+   the soak, interpolated within buckets), the gateway's RSS (``/proc/PID/status``,
+   sampled every second) and CPU per 1,000 heartbeats (``/proc/PID/stat``) of the
+   gateway, Mosquitto, PostgreSQL (the backends connected to the bench database) and
+   the load generator (this process).
+5. **Request/reply**: ``GET /v1/devices/{id}`` with ``--rpc-in-flight`` requests
+   outstanding for ``--rpc-seconds`` (``bench.rpc``), with a key made by
+   ``gateway apikey create --scope devices:read``.
+6. **References**, each on a fresh broker with the same ladder (``bench.reference``):
+   ``bench.ceiling`` in its ``async for`` mode (aiomqtt's ordinary receive loop, no
+   processing: the ceiling for the client library), ``bench.ceiling --drain`` (the
+   same with the queue read in batches, the receive style the gateway's edge uses) and
+   ``bench.baseline`` (``json.loads`` and one awaited ``UPDATE`` per message).
+7. Prints the tables and the targets with their ratios; ``--json FILE`` saves it all.
+
+Every broker and process it starts is stopped on the way out, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench._common import run as run_loop
+from bench.loadgen import LoadGen, make_serials
+from bench.mosquitto import TunedMosquitto, free_port
+from bench.rpc import RpcResult, run_rpc
+from bench.seed import device_id, seed_devices, verify_zero_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/gw_bench"
+DEFAULT_RATES = "1000,2000,3000,4000,6000,8000,12000,16667,20000,24000,32000"
+
+# The issue's targets.
+TARGET_RATE = 16_667  # heartbeats/s: a million devices, one heartbeat a minute each
+TARGET_DEVICES = 1_000_000
+TARGET_LAG_P99 = 0.250  # s, at TARGET_RATE
+TARGET_CEILING_RATIO = 0.7
+TARGET_BASELINE_RATIO = 5.0
+TARGET_RSS_MB = 300.0
+TARGET_RSS_MINUTES = 5.0
+TARGET_RPC_RATE = 2_000.0
+TARGET_RPC_P99_MS = 50.0
+
+REFERENCE_NAMES = {
+    "ceiling": "ceiling (async for)",
+    "ceiling-drain": "ceiling (drain)",
+    "baseline": "baseline",
+}
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LAG_METRIC = "gateway_heartbeat_lag_seconds"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- /proc ------------------------------------------------------------------------------
+
+
+def proc_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (None when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def proc_rss_mb(pid: int) -> float | None:
+    """VmRSS of process ``pid`` in MiB (None when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# ---- the gateway's /metrics -------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_LE = re.compile(r'le="([^"]+)"')
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    received: float = 0.0
+    applied: float = 0.0
+    stale: float = 0.0
+    rejected: float = 0.0
+    rejected_by: dict[str, float] = field(default_factory=dict)
+    inbox_depth: float = 0.0
+    lag_buckets: tuple[tuple[float, float], ...] = ()  # (le, cumulative count), +Inf last
+    lag_sum: float = 0.0
+    lag_count: float = 0.0
+
+
+def parse_metrics(text: str) -> Metrics:
+    values: dict[str, float] = {}
+    rejected_by: dict[str, float] = {}
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        m = _SAMPLE.match(line)
+        if m is None:
+            continue
+        name, labels, raw = m.group(1), m.group(2) or "", m.group(3)
+        value = float(raw)
+        if name == f"{LAG_METRIC}_bucket":
+            le = _LE.search(labels)
+            if le:
+                buckets.append((float(le.group(1)), value))  # float("+Inf") is inf
+        elif name == "gateway_heartbeats_rejected_total":
+            reason = re.search(r'reason="([^"]*)"', labels)
+            rejected_by[reason.group(1) if reason else ""] = value
+        elif not labels:
+            values[name] = value
+    buckets.sort()
+    return Metrics(
+        received=values.get("gateway_heartbeats_received_total", 0.0),
+        applied=values.get("gateway_heartbeats_applied_total", 0.0),
+        stale=values.get("gateway_heartbeats_stale_total", 0.0),
+        rejected=sum(rejected_by.values()),
+        rejected_by=rejected_by,
+        inbox_depth=values.get("gateway_inbox_depth", 0.0),
+        lag_buckets=tuple(buckets),
+        lag_sum=values.get(f"{LAG_METRIC}_sum", 0.0),
+        lag_count=values.get(f"{LAG_METRIC}_count", 0.0),
+    )
+
+
+async def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:  # noqa: ASYNC109
+    async def go() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            data = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split(None, 2)[1]) if head else 0
+        return status, body
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+def histogram_quantile(
+    before: Sequence[tuple[float, float]], after: Sequence[tuple[float, float]], q: float
+) -> float | None:
+    """The q-quantile of the observations made between two scrapes of a cumulative
+    histogram, interpolated linearly within the bucket (as Prometheus does). None when
+    nothing was observed; the largest finite bound when it falls in the +Inf bucket."""
+    prev = dict(before)
+    diff = [(le, count - prev.get(le, 0.0)) for le, count in after]
+    if not diff or diff[-1][1] <= 0:
+        return None
+    total = diff[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for le, cumulative in diff:
+        if cumulative >= rank:
+            if le == float("inf"):
+                return lower
+            if cumulative == below:
+                return le
+            return lower + (le - lower) * (rank - below) / (cumulative - below)
+        lower, below = le, cumulative
+    return lower
+
+
+def histogram_fraction_le(
+    before: Sequence[tuple[float, float]], after: Sequence[tuple[float, float]], bound: float
+) -> float | None:
+    """Fraction of the observations between two scrapes that were <= ``bound`` (a bucket
+    boundary: exact, no interpolation)."""
+    prev = dict(before)
+    diff = dict((le, count - prev.get(le, 0.0)) for le, count in after)
+    total = diff.get(float("inf"), 0.0)
+    if total <= 0 or bound not in diff:
+        return None
+    return diff[bound] / total
+
+
+# ---- processes under test ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Counters:
+    processed: int  # gateway: heartbeats applied; references: messages handled
+    applied: int  # rows written (gateway: = processed; ceiling: = handled)
+    rejected: int = 0
+    metrics: Metrics | None = None  # the gateway's
+
+    @property
+    def depth(self) -> int | None:
+        return None if self.metrics is None else int(self.metrics.inbox_depth)
+
+
+class GatewayProcess:
+    """``python -m gateway.cli run`` as a child process, with its /metrics."""
+
+    name = "gateway"
+    writes = True
+
+    def __init__(self, mqtt_port: int, database_url: str, workdir: Path,
+                 pg_settings: Sequence[str] = ()) -> None:
+        self.mqtt_port = mqtt_port
+        # Session settings for the gateway's own connections, as DSN query parameters
+        # (asyncpg passes unknown ones to the server): an experiment knob.
+        self.database_url = database_url
+        if pg_settings:
+            sep = "&" if "?" in database_url else "?"
+            self.database_url += sep + "&".join(pg_settings)
+        self.metrics_port = free_port()
+        self.log_path = workdir / "gateway.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        with self.log_path.open("wb") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.cli", "run",
+                "--mqtt-url", f"mqtt://127.0.0.1:{self.mqtt_port}",
+                "--database-url", self.database_url,
+                "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
+                "--log-level", "warning",
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"the gateway exited with {self.proc.returncode}:\n"
+                                   + self.log_tail())
+            with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
+                status, _ = await http_get("127.0.0.1", self.metrics_port, "/healthz", 1.0)
+                if status == 200:
+                    return
+            await asyncio.sleep(0.1)
+        raise RuntimeError("the gateway did not become healthy:\n" + self.log_tail())
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def metrics(self) -> Metrics:
+        status, body = await http_get("127.0.0.1", self.metrics_port, "/metrics")
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        return parse_metrics(body.decode())
+
+    async def counters(self) -> Counters:
+        m = await self.metrics()
+        return Counters(int(m.applied), int(m.applied), int(m.rejected), m)
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.returncode is not None:
+            raise RuntimeError(f"the gateway died (exit {self.proc.returncode}):\n"
+                               + self.log_tail())
+
+    async def stop(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self.exit_code = proc.returncode
+
+
+class ReferenceProcess:
+    """``python -m bench.reference KIND`` as a child process streaming its counts."""
+
+    def __init__(self, kind: str, mqtt_port: int, database_url: str, workdir: Path) -> None:
+        self.kind = kind
+        self.name = REFERENCE_NAMES[kind]
+        self.writes = kind == "baseline"
+        self.mqtt_port = mqtt_port
+        self.database_url = database_url
+        self.log_path = workdir / f"{kind}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.handled = 0
+        self.applied = 0
+        self.result: dict[str, Any] | None = None
+        self._ready = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+        with self.log_path.open("wb") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.reference", self.kind,
+                "--port", str(self.mqtt_port), "--database-url", self.database_url,
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
+            )
+        self._reader = asyncio.create_task(self._read())
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"{self.name} did not subscribe:\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode().strip()
+            if line.startswith("p "):
+                _, handled, applied = line.split()
+                self.handled, self.applied = int(handled), int(applied)
+            elif line == "ready":
+                self._ready.set()
+            elif line.startswith("result "):
+                self.result = json.loads(line[len("result "):])
+
+    async def counters(self) -> Counters:
+        return Counters(self.handled, self.applied)
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.returncode is not None:
+            raise RuntimeError(f"{self.name} died:\n{self.log_tail()}")
+
+    async def stop(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, ValueError):
+                await asyncio.wait_for(self._reader, 5)
+
+
+Subject = GatewayProcess | ReferenceProcess
+
+
+# ---- PostgreSQL -------------------------------------------------------------------------
+
+
+async def pg_backend_pids(conn: asyncpg.Connection) -> list[int]:
+    """Backends connected to this database, other than ``conn``'s own."""
+    rows = await conn.fetch(
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    return [r["pid"] for r in rows]
+
+
+async def pg_busy(conn: asyncpg.Connection) -> int:
+    """Other sessions of this database running a statement or inside a transaction."""
+    busy: int = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND state IS NOT NULL AND state <> 'idle'"
+    )
+    return busy
+
+
+async def ensure_fleet(conn: asyncpg.Connection, serials: Sequence[str]) -> tuple[int, float]:
+    """Seed the devices of ``serials`` that are missing; (inserted, seconds)."""
+    t0 = time.perf_counter()
+    present = await conn.fetchval(
+        "SELECT count(*) FROM devices d JOIN device_settings s ON s.device_id = d.id"
+        " WHERE d.serial_number BETWEEN $1 AND $2 AND d.deleted_at IS NULL",
+        serials[0], serials[-1],
+    )
+    inserted = 0
+    if present != len(serials):
+        inserted = await seed_devices(conn, serials)
+        await conn.execute("ANALYZE devices")
+        await conn.execute("ANALYZE device_settings")
+    return inserted, time.perf_counter() - t0
+
+
+# ---- one load step ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Step:
+    subject: str
+    offered: float
+    seconds: float  # step length asked for
+    sent: int = 0
+    send_rate: float = 0.0
+    processed: int = 0
+    applied: int = 0
+    rejected: int = 0
+    drain_seconds: float | None = None  # after the last send until processed == sent
+    capacity: float = 0.0  # processed / (step start .. processed == sent or gave up)
+    max_backlog: int = 0  # sent - processed, sampled
+    max_depth: int | None = None  # the gateway's inbox depth, sampled
+    lag_p50: float | None = None
+    lag_p99: float | None = None
+    lag_le_250ms: float | None = None  # fraction of heartbeats with lag <= 250 ms
+    checked: int = 0  # devices verified in PostgreSQL
+    mismatches: int = 0
+    mismatch_examples: list[str] = field(default_factory=list)
+    cpu_ms_per_1k: float | None = None  # the subject
+    broker_ms_per_1k: float | None = None
+    pg_ms_per_1k: float | None = None
+    loadgen_ms_per_1k: float | None = None
+    rss_start: float | None = None
+    rss_end: float | None = None
+    rss_max: float | None = None
+    kept_up: bool = False
+    zero_loss: bool = False
+    sustained: bool = False
+    note: str = ""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.serials = make_serials(args.devices)
+        self.gen = LoadGen("127.0.0.1", 1, self.serials, connections=args.connections)
+        self.db: asyncpg.Connection | None = None
+        self.rng = random.Random(args.seed)
+        self.rss: list[tuple[float, float]] = []  # (perf_counter, MiB) of the gateway
+
+    async def sample_rss(self, pid: int) -> None:
+        while True:
+            rss = proc_rss_mb(pid)
+            if rss is None:
+                return
+            self.rss.append((time.perf_counter(), rss))
+            await asyncio.sleep(self.args.rss_interval)
+
+    def rss_between(self, t0: float, t1: float) -> list[float]:
+        return [mb for t, mb in self.rss if t0 <= t <= t1]
+
+    async def verify(self, since_ms: int, sample: int) -> tuple[int, list[str]]:
+        """Check a sample of the devices sent a heartbeat at or after ``since_ms``
+        (0: every device ever sent one); (devices checked, mismatch descriptions)."""
+        assert self.db is not None
+        ts, battery = self.gen.last_sent_arrays()
+        floor = max(since_ms, 1)
+        touched = [i for i, t in enumerate(ts) if t >= floor]
+        if sample and sample < len(touched):
+            touched = self.rng.sample(touched, sample)
+        expected = {
+            self.serials[i]: {"ts": ts[i], "battery_percent": battery[i]} for i in touched
+        }
+        mismatches = await verify_zero_loss(self.db, expected)
+        return len(expected), [
+            f"{m.serial}: {m.reason} (sent ts {m.expected_ts} battery {m.expected_battery},"
+            f" stored ts {m.stored_ts} battery {m.stored_battery})"
+            for m in mismatches
+        ]
+
+    async def step(
+        self,
+        subject: Subject,
+        broker: TunedMosquitto,
+        rate: float,
+        seconds: float,
+        *,
+        verify_sample: int,
+        verify_all_sent: bool = False,
+    ) -> Step:
+        args, gen = self.args, self.gen
+        result = Step(subject.name, rate, seconds)
+        assert broker.proc is not None and self.db is not None
+        gen.port = broker.port
+        c0 = await subject.counters()
+        broker_pid = broker.proc.pid
+        pg0 = {pid: proc_cpu(pid) or 0.0 for pid in await pg_backend_pids(self.db)}
+        subject0, broker0 = proc_cpu(subject.pid), proc_cpu(broker_pid)
+        since_ms = time.time_ns() // 1_000_000
+        t0 = time.perf_counter()
+        sampling = True
+
+        async def sampler() -> None:
+            while sampling:
+                await asyncio.sleep(0.25)  # gen.sent_in_run is the last run's until it starts
+                c = await subject.counters()
+                backlog = gen.sent_in_run - (c.processed - c0.processed)
+                result.max_backlog = max(result.max_backlog, backlog)
+                if c.depth is not None:
+                    result.max_depth = max(result.max_depth or 0, c.depth)
+
+        watcher = asyncio.create_task(sampler())
+        try:
+            load = await gen.run(rate=rate, duration=seconds)
+            t_sent = time.perf_counter()
+            result.sent = load.sent
+            result.send_rate = load.rate
+            if load.acked != load.sent:
+                result.note += f"broker acked {load.acked:,} of {load.sent:,}; "
+            # Wait until everything sent was processed, or give up after max_drain.
+            done_at = None
+            idle_since: float | None = None
+            while True:
+                c = await subject.counters()
+                now = time.perf_counter()
+                if c.processed - c0.processed >= load.sent:
+                    done_at = now
+                    break
+                m, m0 = c.metrics, c0.metrics
+                if (m is not None and m0 is not None and m.inbox_depth == 0
+                        and m.received - m0.received >= load.sent
+                        and await pg_busy(self.db) == 0):
+                    # Everything arrived and left the inbox, yet fewer were applied than
+                    # sent: with a backlog longer than a device's heartbeat period the
+                    # gateway folds a device's buffered heartbeats into the newest one
+                    # (nothing lost: the check below looks at the stored state). Done
+                    # when its last batch committed: no statement of it running in
+                    # PostgreSQL, twice in a row.
+                    if idle_since is None:
+                        idle_since = now
+                    elif now - idle_since >= 0.1:
+                        done_at = idle_since
+                        break
+                else:
+                    idle_since = None
+                subject.check_alive()
+                if time.perf_counter() - t_sent > args.max_drain:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            sampling = False
+            await watcher
+        t1 = time.perf_counter()
+        c1 = await subject.counters()
+        subject1, broker1 = proc_cpu(subject.pid), proc_cpu(broker_pid)
+        # Backends that closed during the step are missed; new ones count from their start.
+        pg_cpu = sum(
+            (proc_cpu(pid) or 0.0) - pg0.get(pid, 0.0) for pid in await pg_backend_pids(self.db)
+        )
+        result.processed = c1.processed - c0.processed
+        result.applied = c1.applied - c0.applied
+        result.rejected = c1.rejected - c0.rejected
+        if done_at is not None:
+            result.drain_seconds = max(0.0, done_at - t_sent)
+        # Heartbeats taken care of per second from the step's start until the backlog was
+        # gone (or, if it never was, a lower bound from what was applied).
+        result.capacity = (result.sent if done_at is not None else result.processed) / (
+            (done_at or t1) - t0
+        )
+        per_1k = 1000 / max(result.processed, 1)
+        if subject0 is not None and subject1 is not None:
+            result.cpu_ms_per_1k = (subject1 - subject0) * 1000 * per_1k
+        if broker0 is not None and broker1 is not None:
+            result.broker_ms_per_1k = (broker1 - broker0) * 1000 * per_1k
+        if subject.writes:
+            result.pg_ms_per_1k = pg_cpu * 1000 * per_1k
+        result.loadgen_ms_per_1k = load.cpu_ms_per_1000
+        if c0.metrics is not None and c1.metrics is not None:
+            before, after = c0.metrics.lag_buckets, c1.metrics.lag_buckets
+            result.lag_p50 = histogram_quantile(before, after, 0.50)
+            result.lag_p99 = histogram_quantile(before, after, 0.99)
+            result.lag_le_250ms = histogram_fraction_le(before, after, 0.25)
+        if isinstance(subject, GatewayProcess):
+            rss = self.rss_between(t0, t1)
+            if rss:
+                result.rss_start, result.rss_end, result.rss_max = rss[0], rss[-1], max(rss)
+        result.kept_up = (
+            result.drain_seconds is not None and result.drain_seconds <= args.grace
+        )
+        if subject.writes:
+            result.checked, examples = await self.verify(
+                0 if verify_all_sent else since_ms, verify_sample
+            )
+            result.mismatches = len(examples)
+            result.mismatch_examples = examples[:5]
+        # Loss: a rejection, a stored state that is not the last one sent, or (for the
+        # ceiling, which stores nothing) a message never received.
+        result.zero_loss = result.rejected == 0 and result.mismatches == 0 and (
+            subject.writes or result.processed == result.sent
+        )
+        # Sustained: kept up, lost nothing, and every heartbeat applied on its own.
+        result.sustained = (
+            result.kept_up and result.zero_loss and result.applied == result.sent
+        )
+        return result
+
+    async def ladder(self, subject: Subject, broker: TunedMosquitto, rates: Sequence[float],
+                     report: Callable[[Step], None]) -> list[Step]:
+        steps: list[Step] = []
+        for rate in rates:
+            s = await self.step(subject, broker, rate, self.args.step_seconds,
+                                verify_sample=self.args.step_verify_sample)
+            steps.append(s)
+            report(s)
+            if not s.sustained:
+                break
+        return steps
+
+
+# ---- phases -----------------------------------------------------------------------------
+
+
+def step_line(s: Step) -> str:
+    drain = f"{s.drain_seconds:.1f}s" if s.drain_seconds is not None else "no"
+    lag = (f", lag p50 {fmt_ms(s.lag_p50)} p99 {fmt_ms(s.lag_p99)}"
+           if s.lag_p99 is not None else "")
+    return (f"{s.subject}: {s.offered:,.0f}/s offered, {s.sent:,} sent at {s.send_rate:,.0f}/s,"
+            f" {s.processed:,} processed, drained {drain}, backlog max {s.max_backlog:,}{lag},"
+            f" checked {s.checked:,} ({s.mismatches} mismatches)"
+            f" -> {'sustained' if s.sustained else 'NOT sustained'}")
+
+
+async def run_command(*argv: str, database_url: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", *argv, "--database-url", database_url,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"gateway {' '.join(argv)} failed ({proc.returncode}): "
+                           f"{err.decode(errors='replace')}")
+    return out.decode()
+
+
+async def gateway_phase(bench: Bench, results: dict[str, Any]) -> None:
+    args = bench.args
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    async with TunedMosquitto() as broker:
+        gw = GatewayProcess(broker.port, args.database_url, bench.workdir,
+                            args.gateway_pg_setting)
+        rss_task: asyncio.Task[None] | None = None
+        try:
+            await gw.start()
+            rss_task = asyncio.create_task(bench.sample_rss(gw.pid))
+            log(f"gateway pid {gw.pid} healthy (broker :{broker.port}, metrics "
+                f":{gw.metrics_port}); RSS {proc_rss_mb(gw.pid):.0f} MiB")
+            results["gateway_pid"] = gw.pid
+            m0 = await gw.metrics()
+            t_start = time.perf_counter()
+
+            steps: list[Step] = []
+            if rates:
+                steps = await bench.ladder(gw, broker, rates, lambda s: log(step_line(s)))
+            results["ladder"] = [asdict(s) for s in steps]
+            passed = [s.offered for s in steps if s.sustained]
+
+            soak_rate = args.soak_rate
+            if soak_rate is None:
+                soak_rate = TARGET_RATE
+                if steps and (not passed or max(passed) < TARGET_RATE):
+                    soak_rate = max(passed) if passed else min(rates)
+            soak: Step | None = None
+            if args.duration > 0:
+                log(f"soak: {soak_rate:,.0f}/s for {args.duration:g} s")
+                soak = await bench.step(gw, broker, soak_rate, args.duration,
+                                        verify_sample=args.verify_sample,
+                                        verify_all_sent=True)
+                soak.subject = "gateway soak"
+                log(step_line(soak))
+            results["soak"] = asdict(soak) if soak else None
+
+            rpc: RpcResult | None = None
+            if args.rpc_seconds > 0:
+                key = (await run_command("apikey", "create", "--scope", "devices:read",
+                                         "--name", "bench", database_url=args.database_url)
+                       ).strip().splitlines()[-1]
+                picks = [device_id(s) for s in bench.rng.sample(
+                    bench.serials, min(len(bench.serials), 100_000))]
+                assert bench.db is not None
+                pg0 = {pid: proc_cpu(pid) or 0.0 for pid in await pg_backend_pids(bench.db)}
+                cpu0 = proc_cpu(gw.pid)
+                rpc = await run_rpc("127.0.0.1", broker.port, key, picks,
+                                    in_flight=args.rpc_in_flight, duration=args.rpc_seconds,
+                                    warmup=args.rpc_warmup)
+                cpu1 = proc_cpu(gw.pid)
+                pg_cpu = sum((proc_cpu(pid) or 0.0) - pg0.get(pid, 0.0)
+                             for pid in await pg_backend_pids(bench.db))
+                log(rpc.summary())
+                # CPU over warm-up + window, per request answered in the window (close
+                # enough: the warm-up is short and runs at the same rate).
+                answered = max(rpc.completed, 1) * (1 + args.rpc_warmup / rpc.seconds)
+                results["rpc"] = rpc.as_dict() | {
+                    "gateway_cpu_ms_per_request":
+                        (cpu1 - cpu0) * 1000 / answered
+                        if cpu0 is not None and cpu1 is not None else None,
+                    "pg_cpu_ms_per_request": pg_cpu * 1000 / answered,
+                }
+            m1 = await gw.metrics()
+            t_end = time.perf_counter()
+            rss_all = bench.rss_between(t_start, t_end)
+            results["gateway_totals"] = {
+                "received": m1.received - m0.received,
+                "applied": m1.applied - m0.applied,
+                "stale": m1.stale - m0.stale,
+                "rejected": {k: v - m0.rejected_by.get(k, 0.0)
+                             for k, v in m1.rejected_by.items()
+                             if v - m0.rejected_by.get(k, 0.0)},
+                "minutes": (t_end - t_start) / 60,
+                "rss_start": rss_all[0] if rss_all else None,
+                "rss_end": rss_all[-1] if rss_all else None,
+                "rss_max": max(rss_all) if rss_all else None,
+            }
+        finally:
+            if rss_task is not None:
+                rss_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await rss_task
+            await gw.stop()
+            results["gateway_exit_code"] = gw.exit_code
+            if gw.exit_code not in (0, None):
+                log(f"gateway exited with {gw.exit_code}:\n{gw.log_tail()}")
+
+
+async def reference_phase(bench: Bench, kind: str, results: dict[str, Any]) -> None:
+    rates = [float(r) for r in bench.args.rates.split(",") if r.strip()]
+    async with TunedMosquitto() as broker:
+        ref = ReferenceProcess(kind, broker.port, bench.args.database_url, bench.workdir)
+        try:
+            await ref.start()
+            log(f"{ref.name}: pid {ref.pid} subscribed (broker :{broker.port})")
+            steps = await bench.ladder(ref, broker, rates, lambda s: log(step_line(s)))
+        finally:
+            await ref.stop()
+        results.setdefault("references", {})[kind] = [asdict(s) for s in steps]
+
+
+async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"args": vars(args), "environment": environment()}
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+        workdir = Path(tmp)
+        log(f"migrating {args.database_url}")
+        await run_command("db", "migrate", database_url=args.database_url)
+        bench = Bench(args, workdir)
+        bench.db = await asyncpg.connect(args.database_url)
+        try:
+            server = await bench.db.fetchval("SHOW server_version")
+            results["environment"]["postgresql"] = str(server).split()[0]
+            inserted, took = await ensure_fleet(bench.db, bench.serials)
+            log(f"fleet: {args.devices:,} devices ({inserted:,} seeded now) in {took:.1f} s")
+            results["seed"] = {"inserted": inserted, "seconds": took}
+            await gateway_phase(bench, results)
+            if args.references:
+                for kind in ("ceiling", "ceiling-drain", "baseline"):
+                    await reference_phase(bench, kind, results)
+        finally:
+            await bench.db.close()
+    return results
+
+
+# ---- the report -------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    def run_text(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mosq = run_text("/usr/sbin/mosquitto", "-h").splitlines()
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": mem_gib,
+        "loadavg": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "mosquitto": mosq[0].split("version")[-1].strip() if mosq else "?",
+        "postgresql": "?",  # the server's, filled in once connected
+        **{name: version(name) for name in ("aiomqtt", "paho-mqtt", "msgspec", "asyncpg",
+                                            "uvloop")},
+    }
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def fmt_num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def sustained_rate(steps: Sequence[dict[str, Any]]) -> tuple[float | None, bool]:
+    """(highest sustained offered rate, whether a higher rate failed: False means the
+    subject sustained every rate tried, so the figure is a lower bound)."""
+    passed = [s["offered"] for s in steps if s["sustained"]]
+    failed = any(not s["sustained"] for s in steps)
+    return (max(passed) if passed else None), failed
+
+
+def overloaded(steps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first step not sustained: its ``capacity`` is the throughput while overloaded."""
+    failed = [s for s in steps if not s["sustained"]]
+    return failed[0] if failed else None
+
+
+def subjects(results: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    out: list[tuple[str, list[dict[str, Any]]]] = [("gateway", results.get("ladder", []))]
+    for kind, steps in results.get("references", {}).items():
+        out.append((REFERENCE_NAMES.get(kind, kind), steps))
+    return out
+
+
+def gateway_sustained(results: dict[str, Any]) -> tuple[float | None, bool]:
+    rate, exact = sustained_rate(results.get("ladder", []))
+    soak = results.get("soak")
+    if soak and soak["sustained"] and (rate is None or soak["offered"] > rate):
+        rate = soak["offered"]
+    return rate, exact
+
+
+def report(results: dict[str, Any]) -> str:
+    env, args = results["environment"], results["args"]
+    out: list[str] = [
+        f"Gateway throughput benchmark, {env['date']}: {args['devices']:,} devices; "
+        f"{env['nproc']} CPUs ({env['cpu']}), {env['mem_gib']} GiB RAM; load average "
+        f"{env['loadavg'][0]:.2f} at start",
+        f"python {env['python']}, mosquitto {env['mosquitto']}, PostgreSQL "
+        f"{env['postgresql']}, aiomqtt {env['aiomqtt']}, paho-mqtt {env['paho-mqtt']}, "
+        f"msgspec {env['msgspec']}, asyncpg {env['asyncpg']}, uvloop {env['uvloop']}",
+    ]
+    if args.get("gateway_pg_setting"):
+        out.append("EXPERIMENT: the gateway's PostgreSQL sessions ran with "
+                   + ", ".join(args["gateway_pg_setting"]))
+    rows = []
+    for _, steps in subjects(results):
+        for s in steps:
+            verdict = "yes" if s["sustained"] else ("no (LOSS)" if not s["zero_loss"] else "no")
+            rows.append([
+                s["subject"], fmt_num(s["offered"]), fmt_num(s["send_rate"]),
+                fmt_num(s["sent"]), fmt_num(s["applied"]),
+                f"{s['drain_seconds']:.1f} s" if s["drain_seconds"] is not None else "never",
+                fmt_num(s["capacity"]), fmt_ms(s["lag_p50"]), fmt_ms(s["lag_p99"]),
+                fmt_num(s["cpu_ms_per_1k"]), fmt_num(s["broker_ms_per_1k"]),
+                fmt_num(s["pg_ms_per_1k"]), fmt_num(s["loadgen_ms_per_1k"]),
+                f"{s['mismatches']}/{s['checked']:,}" if s["checked"] else "-", verdict,
+            ])
+    if rows:
+        out += [
+            "",
+            f"Ladder: each offered rate for {args['step_seconds']:g} s, stopping at the first "
+            f"not sustained (sustained: all applied within {args['grace']:g} s of the last "
+            "send, none lost). drained: seconds after the last send until all was processed; "
+            "handled/s: sent / (step start .. drained); CPU: ms per 1,000 heartbeats of the "
+            "subject, mosquitto, the PostgreSQL backends of the bench database, the load "
+            "generator; lost/checked: devices whose stored ts/battery is not the last sent.",
+            table(["subject", "offered/s", "sent/s", "sent", "applied", "drained", "handled/s",
+                   "lag p50", "lag p99", "CPU", "mosq", "PG", "loadgen", "lost/checked",
+                   "sustained"], rows),
+        ]
+
+    summary = []
+    for name, steps in subjects(results):
+        if not steps:
+            continue
+        rate, exact = sustained_rate(steps)
+        if name == "gateway":
+            rate, exact = gateway_sustained(results)
+        over = overloaded(steps)
+        best = [s for s in steps if s["sustained"]]
+        summary.append([
+            name, ("" if exact else ">= ") + fmt_num(rate),
+            f"{over['capacity']:,.0f} at {over['offered']:,.0f}/s offered" if over else "-",
+            fmt_num(best[-1]["cpu_ms_per_1k"]) if best else "-",
+        ])
+    if summary:
+        out += ["", "Per subject, same load",
+                table(["subject", "sustained/s", "handled/s when overloaded",
+                       "CPU ms/1k at best sustained"], summary)]
+
+    soak = results.get("soak")
+    totals = results.get("gateway_totals", {})
+    if soak:
+        drained = (f"{soak['drain_seconds']:.1f} s after the last send"
+                   if soak["drain_seconds"] is not None else "NOT drained")
+        rows = [
+            ["heartbeats sent / applied", f"{soak['sent']:,} / {soak['applied']:,} "
+             f"(sent at {soak['send_rate']:,.0f}/s; rejected {soak['rejected']})"],
+            ["backlog", f"drained {drained}; inbox depth max {fmt_num(soak['max_depth'])}"],
+            ["zero loss in PostgreSQL", f"{soak['checked']:,} devices checked, "
+             f"{soak['mismatches']} not at the last heartbeat sent"],
+            ["receive-to-commit lag", f"p50 {fmt_ms(soak['lag_p50'])}, p99 "
+             f"{fmt_ms(soak['lag_p99'])}; {100 * (soak['lag_le_250ms'] or 0):.2f}% <= 250 ms"],
+            ["gateway RSS during the soak", f"{fmt_num(soak['rss_start'])} MiB at start, "
+             f"{fmt_num(soak['rss_end'])} MiB at end, max {fmt_num(soak['rss_max'])} MiB"],
+            ["gateway RSS, whole run", f"{fmt_num(totals.get('rss_start'))} -> "
+             f"{fmt_num(totals.get('rss_end'))} MiB over {totals.get('minutes', 0):.1f} min, "
+             f"max {fmt_num(totals.get('rss_max'))} MiB"],
+            ["CPU ms per 1,000 heartbeats", f"gateway {fmt_num(soak['cpu_ms_per_1k'])}, "
+             f"mosquitto {fmt_num(soak['broker_ms_per_1k'])}, PostgreSQL backends "
+             f"{fmt_num(soak['pg_ms_per_1k'])}, load generator "
+             f"{fmt_num(soak['loadgen_ms_per_1k'])}"],
+        ]
+        if soak["mismatch_examples"]:
+            rows.append(["mismatch examples", "; ".join(soak["mismatch_examples"][:3])])
+        out += ["", f"Soak: {soak['offered']:,.0f}/s offered for {soak['seconds']:g} s",
+                table(["", ""], rows)]
+    if totals:
+        rejected = ", ".join(f"{k} {v:,.0f}" for k, v in totals["rejected"].items()) or "none"
+        out.append(
+            f"gateway totals: received {totals['received']:,.0f}, applied "
+            f"{totals['applied']:,.0f}, stale {totals['stale']:,.0f}, rejected {rejected}; "
+            f"exit code {results.get('gateway_exit_code')}"
+        )
+
+    rpc = results.get("rpc")
+    if rpc:
+        statuses = ", ".join(f"{k}: {v:,}" for k, v in sorted(rpc["statuses"].items()))
+        out += ["", (
+            f"Request/reply: GET /v1/devices/{{id}}, {rpc['in_flight']} in flight for "
+            f"{rpc['seconds']:.1f} s: {rpc['rate']:,.0f} requests/s, latency p50 "
+            f"{rpc['p50_ms']:.1f} ms, p99 {rpc['p99_ms']:.1f} ms, max {rpc['max_ms']:.1f} ms "
+            f"(statuses {statuses}; {rpc['timeouts']} timeouts); CPU per request: gateway "
+            f"{fmt_num(rpc['gateway_cpu_ms_per_request'], 2)} ms, PostgreSQL backends "
+            f"{fmt_num(rpc['pg_cpu_ms_per_request'], 2)} ms, client "
+            f"{rpc['cpu_seconds'] * 1000 / max(rpc['completed'], 1):.2f} ms"
+        )]
+
+    out += ["", targets_table(results)]
+    return "\n".join(out)
+
+
+def targets_table(results: dict[str, Any]) -> str:
+    args = results["args"]
+    soak = results.get("soak")
+    refs = results.get("references", {})
+    rows: list[list[str]] = []
+
+    def add(target: str, measured: str, ratio: float | None, met: bool | None) -> None:
+        rows.append([target, measured, "-" if ratio is None else f"{ratio:.2f}",
+                     "?" if met is None else ("yes" if met else "NO")])
+
+    gw_rate, gw_exact = gateway_sustained(results)
+    ge = "" if gw_exact else ">="
+    if gw_rate is not None or soak:
+        fleet = args["devices"] >= TARGET_DEVICES
+        add(f"sustained >= {TARGET_RATE:,}/s, zero loss, {TARGET_DEVICES:,} devices",
+            f"{ge}{fmt_num(gw_rate)}/s with {args['devices']:,} devices",
+            None if gw_rate is None else gw_rate / TARGET_RATE,
+            gw_rate is not None and gw_rate >= TARGET_RATE and fleet)
+    if soak and soak["lag_p99"] is not None:
+        add(f"p99 lag <= {TARGET_LAG_P99 * 1000:.0f} ms at {TARGET_RATE:,}/s",
+            f"{fmt_ms(soak['lag_p99'])} at {soak['offered']:,.0f}/s",
+            soak["lag_p99"] / TARGET_LAG_P99,
+            soak["lag_p99"] <= TARGET_LAG_P99 and soak["offered"] >= TARGET_RATE)
+    gw_over = overloaded(results.get("ladder", []))
+    for kind, target, better in (("ceiling", TARGET_CEILING_RATIO, ">= {t:g} of the"),
+                                 ("ceiling-drain", TARGET_CEILING_RATIO, ">= {t:g} of the"),
+                                 ("baseline", TARGET_BASELINE_RATIO, ">= {t:g}x the")):
+        steps = refs.get(kind)
+        if not steps:
+            continue
+        ref_rate, ref_exact = sustained_rate(steps)
+        ref_over = overloaded(steps)
+        parts, ratio = [], None
+        if gw_rate is not None and ref_rate is not None:
+            ratio = gw_rate / ref_rate
+            parts.append(f"sustained {ge}{gw_rate:,.0f} vs "
+                         f"{'' if ref_exact else '>='}{ref_rate:,.0f}/s = {ratio:.2f}")
+        if gw_over and ref_over:
+            over_ratio = gw_over["capacity"] / ref_over["capacity"]
+            parts.append(f"overloaded {gw_over['capacity']:,.0f} vs "
+                         f"{ref_over['capacity']:,.0f}/s = {over_ratio:.2f}")
+            if ratio is None:
+                ratio = over_ratio
+        elif gw_rate is not None and ref_rate is None and ref_over:
+            # The reference sustained no rate of the ladder: compare with what it handled.
+            ratio = gw_rate / ref_over["capacity"]
+            parts.append(f"sustained {ge}{gw_rate:,.0f} vs {ref_over['capacity']:,.0f}/s "
+                         f"handled overloaded = {ratio:.2f}")
+        # An inexact comparison (a side sustained every rate tried) can only fail safely
+        # one way.
+        met: bool | None = None if ratio is None else ratio >= target
+        if ratio is not None and not gw_exact and ratio < target:
+            met = None
+        if ratio is not None and ref_rate is not None and not ref_exact and ratio >= target:
+            met = None
+        add(f"{better.format(t=target)} {REFERENCE_NAMES[kind]}", "; ".join(parts) or "-",
+            None if ratio is None else ratio / target, met)
+    totals = results.get("gateway_totals")
+    if totals and totals.get("rss_max") is not None:
+        minutes = totals["minutes"]
+        long_enough = minutes >= TARGET_RSS_MINUTES
+        soak_growth = (f", {soak['rss_end'] - soak['rss_start']:+.0f} MiB over the soak"
+                       if soak and soak["rss_start"] is not None else "")
+        add(f"RSS <= {TARGET_RSS_MB:.0f} MB, flat over {TARGET_RSS_MINUTES:g} min",
+            f"max {totals['rss_max']:.0f} MiB over {minutes:.1f} min{soak_growth}"
+            + ("" if long_enough else " (run shorter than 5 min)"),
+            totals["rss_max"] / TARGET_RSS_MB,
+            (totals["rss_max"] <= TARGET_RSS_MB) if long_enough else None)
+    rpc = results.get("rpc")
+    if rpc:
+        add(f"request/reply >= {TARGET_RPC_RATE:,.0f}/s", f"{rpc['rate']:,.0f}/s",
+            rpc["rate"] / TARGET_RPC_RATE, rpc["rate"] >= TARGET_RPC_RATE)
+        add(f"request/reply p99 <= {TARGET_RPC_P99_MS:.0f} ms", f"{rpc['p99_ms']:.1f} ms",
+            rpc["p99_ms"] / TARGET_RPC_P99_MS, rpc["p99_ms"] <= TARGET_RPC_P99_MS)
+    return ("Targets (ratio: measured / target, so below 1 is better for the <= targets; "
+            "?: not decided by this run)\n"
+            + table(["target", "measured", "ratio", "met"], rows))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description="Gateway throughput benchmark.")
+    p.add_argument("--devices", type=int, default=TARGET_DEVICES)
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="soak length at --soak-rate, seconds (0: no soak)")
+    p.add_argument("--soak-rate", type=float,
+                   help=f"heartbeats/s in the soak (default {TARGET_RATE:,}, or the highest "
+                        "sustained ladder rate when that is lower)")
+    p.add_argument("--rates", default=DEFAULT_RATES,
+                   help="ladder of offered heartbeats/s, comma-separated ('' : no ladder)")
+    p.add_argument("--step-seconds", type=float, default=10.0, help="ladder step length")
+    p.add_argument("--grace", type=float, default=3.0,
+                   help="a rate is sustained when the backlog drains within this many "
+                        "seconds after the last send")
+    p.add_argument("--max-drain", type=float, default=30.0,
+                   help="how long to wait for a backlog after a failed step")
+    p.add_argument("--verify-sample", type=int, default=100_000,
+                   help="devices checked in PostgreSQL after the soak (0: all)")
+    p.add_argument("--step-verify-sample", type=int, default=2_000,
+                   help="devices checked after each ladder step (0: all touched)")
+    p.add_argument("--rpc-seconds", type=float, default=10.0, help="0: no request/reply")
+    p.add_argument("--rpc-in-flight", type=int, default=64)
+    p.add_argument("--rpc-warmup", type=float, default=1.0, help="seconds not measured")
+    p.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the ceiling and baseline references on the ladder")
+    p.add_argument("--connections", type=int, default=4, help="load generator connections")
+    p.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    p.add_argument("--gateway-pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="experiment: a PostgreSQL setting for the gateway's sessions only, "
+                        "e.g. plan_cache_mode=force_custom_plan (reported in the header)")
+    p.add_argument("--rss-interval", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", metavar="FILE", help="also write every figure here as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.devices < 1:
+        _parser().error("--devices must be positive")
+    results = run_loop(bench_main(args))
+    text = report(results)
+    print(text, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results | {"report": text}, indent=1,
+                                              default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -711,15 +711,23 @@ async def gateway_phase(bench: Bench, results: dict[str, Any]) -> None:
                 soak_rate = TARGET_RATE
                 if steps and (not passed or max(passed) < TARGET_RATE):
                     soak_rate = max(passed) if passed else min(rates)
-            soak: Step | None = None
-            if args.duration > 0:
+            # A short ladder step can pass while the backlog creeps up; the soak is the
+            # long-run check. If it fails, try the next lower rate the ladder sustained.
+            soaks: list[Step] = []
+            while args.duration > 0 and len(soaks) < args.soak_attempts:
                 log(f"soak: {soak_rate:,.0f}/s for {args.duration:g} s")
                 soak = await bench.step(gw, broker, soak_rate, args.duration,
                                         verify_sample=args.verify_sample,
                                         verify_all_sent=True)
                 soak.subject = "gateway soak"
+                soaks.append(soak)
                 log(step_line(soak))
-            results["soak"] = asdict(soak) if soak else None
+                lower = [r for r in passed if r < soak_rate]
+                if soak.sustained or args.soak_rate is not None or not lower:
+                    break
+                soak_rate = max(lower)
+            results["soaks"] = [asdict(s) for s in soaks]
+            results["soak"] = results["soaks"][-1] if soaks else None
 
             rpc: RpcResult | None = None
             if args.rpc_seconds > 0:
@@ -889,11 +897,18 @@ def subjects(results: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
 
 
 def gateway_sustained(results: dict[str, Any]) -> tuple[float | None, bool]:
-    rate, exact = sustained_rate(results.get("ladder", []))
-    soak = results.get("soak")
-    if soak and soak["sustained"] and (rate is None or soak["offered"] > rate):
-        rate = soak["offered"]
-    return rate, exact
+    """The gateway's sustained rate: the highest rate a ladder step or a soak sustained,
+    below any rate a soak failed at (the long run overrules a short step); and whether
+    a higher rate failed (False: a lower bound)."""
+    tries = results.get("ladder", []) + (results.get("soaks") or [])
+    failed = [s["offered"] for s in tries if not s["sustained"]]
+    soak_failed = [s["offered"] for s in results.get("soaks") or [] if not s["sustained"]]
+    ok = [s["offered"] for s in tries if s["sustained"]
+          and (not soak_failed or s["offered"] < min(soak_failed))]
+    if not ok:
+        return None, bool(failed)
+    rate = max(ok)
+    return rate, any(r > rate for r in failed)
 
 
 def report(results: dict[str, Any]) -> str:
@@ -910,11 +925,16 @@ def report(results: dict[str, Any]) -> str:
         out.append("EXPERIMENT: the gateway's PostgreSQL sessions ran with "
                    + ", ".join(args["gateway_pg_setting"]))
     rows = []
-    for _, steps in subjects(results):
+    for name, steps in subjects(results):
+        if name == "gateway":
+            steps = steps + (results.get("soaks") or [])
         for s in steps:
             verdict = "yes" if s["sustained"] else ("no (LOSS)" if not s["zero_loss"] else "no")
+            label = s["subject"]
+            if label == "gateway soak":
+                label = f"gateway, {s['seconds']:g} s soak"
             rows.append([
-                s["subject"], fmt_num(s["offered"]), fmt_num(s["send_rate"]),
+                label, fmt_num(s["offered"]), fmt_num(s["send_rate"]),
                 fmt_num(s["sent"]), fmt_num(s["applied"]),
                 f"{s['drain_seconds']:.1f} s" if s["drain_seconds"] is not None else "never",
                 fmt_num(s["capacity"]), fmt_ms(s["lag_p50"]), fmt_ms(s["lag_p99"]),
@@ -980,7 +1000,10 @@ def report(results: dict[str, Any]) -> str:
         ]
         if soak["mismatch_examples"]:
             rows.append(["mismatch examples", "; ".join(soak["mismatch_examples"][:3])])
-        out += ["", f"Soak: {soak['offered']:,.0f}/s offered for {soak['seconds']:g} s",
+        verdict = "sustained" if soak["sustained"] else "NOT sustained"
+        earlier = [f"{s['offered']:,.0f}/s NOT sustained" for s in results["soaks"][:-1]]
+        out += ["", f"Soak: {soak['offered']:,.0f}/s offered for {soak['seconds']:g} s, "
+                f"{verdict}" + (f" (after {', '.join(earlier)})" if earlier else ""),
                 table(["", ""], rows)]
     if totals:
         rejected = ", ".join(f"{k} {v:,.0f}" for k, v in totals["rejected"].items()) or "none"
@@ -1092,6 +1115,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=TARGET_DEVICES)
     p.add_argument("--duration", type=float, default=60.0,
                    help="soak length at --soak-rate, seconds (0: no soak)")
+    p.add_argument("--soak-attempts", type=int, default=2,
+                   help="when a soak fails, retry at the next lower sustained ladder rate, "
+                        "up to this many soaks in all")
     p.add_argument("--soak-rate", type=float,
                    help=f"heartbeats/s in the soak (default {TARGET_RATE:,}, or the highest "
                         "sustained ladder rate when that is lower)")

@@ -32,7 +32,7 @@ from gateway.dynsec import DeviceAccess
 from gateway.errors import StorageUnavailable
 from gateway.logs import RateLimitedLog
 from gateway.mqtt import Publisher, message_properties
-from gateway.storage import AckColumns, HeartbeatColumns, Storage
+from gateway.storage import AckColumns, BatchFailed, HeartbeatColumns, Storage
 
 log = structlog.get_logger("gateway.ingest")
 
@@ -246,6 +246,10 @@ class Ingest:
             self._requeue(batch)
             await asyncio.sleep(0.5)
             return
+        except BatchFailed as exc:
+            self._writing = 0
+            await self._write_failed(batch, exc)
+            return
         finally:
             self._writing = 0
         committed = time.time()
@@ -257,6 +261,28 @@ class Ingest:
                 )
         self._reply(outcomes)
         self.on_acked(acked)
+
+    async def _write_failed(self, batch: dict[str, list[Pending]], exc: BatchFailed) -> None:
+        """A batch PostgreSQL refused: retry a transient failure; isolate a poison one.
+
+        A heartbeat the database cannot take must not hold up or take down the others, so
+        the batch is halved until the failing device is alone; its heartbeats are dropped
+        and counted as ``write_error``.
+        """
+        log.error("heartbeat.batch_failed", error=str(exc)[:300], devices=len(batch),
+                  retryable=exc.retryable)
+        if exc.retryable:
+            self._requeue(batch)
+            return
+        if len(batch) == 1:
+            ((serial, queue),) = batch.items()
+            for _ in queue:
+                self._reject("write_error", serial, str(exc))
+            return
+        serials = list(batch)
+        middle = len(serials) // 2
+        for half in (serials[:middle], serials[middle:]):
+            await self._write({serial: batch[serial] for serial in half})
 
     def on_acked(self, acked: Iterable[Any]) -> None:
         """Hook for acknowledged commands (device credentials follow factory resets).

@@ -15,7 +15,8 @@ HEARTBEATS_RECEIVED = Counter(
     "gateway_heartbeats_received_total", "Heartbeat messages received from the broker."
 )
 # Reasons: too_large, malformed, invalid, future_ts, unknown_device, deleted_device,
-# overflow (dropped because the inbox was full), bad_topic.
+# overflow (dropped because the inbox was full), bad_topic, write_error (PostgreSQL refused
+# the row; the rest of its batch still applies).
 HEARTBEATS_REJECTED = Counter(
     "gateway_heartbeats_rejected_total", "Heartbeats rejected, by reason.", ["reason"]
 )

@@ -20,6 +20,7 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
+from gateway_codecs import api as api_wire
 from gateway_codecs.dynsec import RESPONSE_TOPIC as CONTROL_RESPONSE_TOPIC
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -30,6 +31,12 @@ from gateway.config import Config
 log = structlog.get_logger("gateway.mqtt")
 
 Handler = Callable[[aiomqtt.Message, float], None]
+
+# The largest packet the gateway lets the broker send it (MQTT 5 Maximum Packet Size): the
+# biggest envelope it still reads to answer 400 (rpc.REPLY_SCAN_BYTES) plus room for the
+# topic and properties. A larger message is discarded by the broker, so a device cannot
+# make the gateway read a 256 MiB payload into memory whatever the broker's own limit.
+MAX_PACKET_BYTES = 16 * api_wire.MAX_REQUEST_BYTES + 64 * 1024
 
 
 class _RoutingQueue(asyncio.Queue[aiomqtt.Message]):
@@ -144,6 +151,7 @@ class Edge:
         if persistent:
             connect_properties.SessionExpiryInterval = self._config.session_expiry_seconds
         connect_properties.ReceiveMaximum = 65535
+        connect_properties.MaximumPacketSize = MAX_PACKET_BYTES
         return aiomqtt.Client(
             endpoint.host,
             endpoint.port,

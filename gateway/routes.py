@@ -506,6 +506,7 @@ async def telemetron_upsert(ctx: Context) -> Result:
         raise TelemetronError(400, f"identifier: {SERIAL_RULE}")
     if device_type is not None and (
         not isinstance(device_type, str) or not 1 <= len(device_type) <= 64
+        or "\x00" in device_type  # PostgreSQL text cannot hold NUL: a 500 otherwise
     ):
         raise TelemetronError(400, "type must be a string of 1 to 64 characters")
     if properties is not None and not isinstance(properties, dict):

@@ -92,6 +92,9 @@ class Requests:
                 metrics.REQUESTS_DROPPED.labels("error").inc()
             finally:
                 self._busy -= 1
+                # An idle worker must not keep its last request alive: 64 workers each
+                # holding a multi-MiB payload is how memory grows under hostile input.
+                del incoming
 
     async def drain(self, deadline: float) -> None:
         while self.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll at shutdown

@@ -20,7 +20,7 @@ import msgspec
 import structlog
 
 from gateway import metrics
-from gateway.errors import Conflict, NotFound, RateLimited, StorageUnavailable
+from gateway.errors import Conflict, GatewayError, NotFound, RateLimited, StorageUnavailable
 
 log = structlog.get_logger("gateway.storage")
 
@@ -675,23 +675,47 @@ class Storage:
         commands (JSON list, oldest first) and the settings gap (version,
         current_settings, base_settings).
         """
-        async with self._transaction() as conn:
-            acked: list[Record] = []
-            if acks is not None:
-                acked = await conn.fetch(
-                    _ACK_SQL, acks.serials, acks.ids, acks.statuses, acks.details
-                )
-            outcomes: list[Record] = []
-            for columns in rounds:
-                outcomes.extend(
-                    await conn.fetch(
-                        _HEARTBEAT_SQL,
-                        columns.serials, columns.ts, columns.firmware, columns.battery,
-                        columns.storage_used, columns.storage_total, columns.signal,
-                        columns.recording_state, columns.settings_version, columns.received,
+        try:
+            async with self._transaction() as conn:
+                acked: list[Record] = []
+                if acks is not None:
+                    # Lock the acking devices first: every other writer takes a device's
+                    # row before its commands, so this order cannot deadlock with them.
+                    await conn.execute(_LOCK_DEVICES_SQL, acks.serials)
+                    acked = await conn.fetch(
+                        _ACK_SQL, acks.serials, acks.ids, acks.statuses, acks.details
                     )
-                )
+                outcomes: list[Record] = []
+                for columns in rounds:
+                    outcomes.extend(
+                        await conn.fetch(
+                            _HEARTBEAT_SQL,
+                            columns.serials, columns.ts, columns.firmware, columns.battery,
+                            columns.storage_used, columns.storage_total, columns.signal,
+                            columns.recording_state, columns.settings_version,
+                            columns.received,
+                        )
+                    )
+        except asyncpg.PostgresError as exc:
+            raise BatchFailed(
+                f"{type(exc).__name__}: {exc}", retryable=isinstance(exc, _RETRYABLE)
+            ) from exc
         return outcomes, acked
+
+
+class BatchFailed(GatewayError):
+    """PostgreSQL refused a heartbeat batch; ``retryable`` for deadlocks and the like."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+_RETRYABLE = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.LockNotAvailableError,
+)
 
 
 class SchemaMissing(StorageUnavailable):
@@ -755,6 +779,10 @@ ON CONFLICT (serial_number) DO UPDATE SET
     updated_at = now()
 WHERE devices.deleted_at IS NULL
 RETURNING id, device_type, (xmax = 0) AS created
+"""
+
+_LOCK_DEVICES_SQL = """
+SELECT 1 FROM devices WHERE serial_number = ANY($1::text[]) ORDER BY id FOR UPDATE
 """
 
 # Acks from a batch: only open, unexpired commands of the acking (live) device change.

@@ -1,4 +1,4 @@
-"""The throughput benchmark: one command, a tuned broker, the gateway, a seeded fleet.
+"""The throughput benchmark: one command, tuned brokers, the gateway, a seeded fleet.
 
 ::
 
@@ -7,20 +7,28 @@
 From the repository root (``bench`` is not an installed package). What it does, in order:
 
 1. ``gateway db migrate`` into ``--database-url`` (default ``gw_bench``, created if
-   missing) and seeds the devices that are missing (``bench.seed``; 1M take ~45 s once,
+   missing) and seeds the devices that are missing (``bench.seed``; 1M take ~50 s once,
    later runs only count them).
 2. Starts a tuned Mosquitto (``bench.mosquitto``) and the gateway as a subprocess
-   (``python -m gateway.cli run ... --log-level warning``), waits for ``/healthz``.
+   (``python -m gateway.cli run ... --log-level warning``), waits for ``/healthz``; and,
+   each on a tuned Mosquitto of its own, the references (``bench.reference``):
+   ``bench.ceiling`` in its ``async for`` mode (aiomqtt's ordinary receive loop, no
+   processing: the ceiling for the client library), ``bench.ceiling --drain`` (the same
+   with the queue read in batches, the receive style of the gateway's edge) and
+   ``bench.baseline`` (``json.loads`` and one awaited ``UPDATE`` per message).
 3. **Ladder**: offers heartbeats (``bench.loadgen``, MQTT 3.1.1 QoS 1, devices visited
-   round-robin) at each rate of ``--rates`` for ``--step-seconds`` and stops at the
-   first rate the gateway does not sustain. A rate is *sustained* when, within
-   ``--grace`` seconds after the last heartbeat was sent, the gateway's
-   ``gateway_heartbeats_applied_total`` grew by exactly what was sent, nothing was
+   round-robin) at each rate of ``--rates`` for ``--step-seconds``, to every subject
+   still standing in turn (interleaved, so that on a shared machine the comparisons
+   come from the same minutes); a subject drops out at its first rate not sustained.
+   A rate is *sustained* when, within ``--grace`` seconds after the last heartbeat was
+   sent, the subject applied exactly what was sent (the gateway's
+   ``gateway_heartbeats_applied_total``; the references' own counts), nothing was
    rejected, and a sample of the devices heartbeated in the step has in PostgreSQL
    exactly the ``ts`` and ``battery_percent`` last sent to it.
-4. **Soak**: ``--duration`` seconds at ``--soak-rate`` (default 16,667/s, a million
-   devices once a minute; the highest sustained ladder rate if that is lower), with
-   the same checks on a larger sample (``--verify-sample``), receive-to-commit lag
+4. **Soak** (the references are stopped by then): ``--duration`` seconds at
+   ``--soak-rate`` (default 16,667/s, a million devices once a minute; the highest
+   sustained ladder rate if that is lower, and the next lower one if the soak fails),
+   with the same checks on a larger sample (``--verify-sample``), receive-to-commit lag
    p50/p99 from the gateway's ``gateway_heartbeat_lag_seconds`` histogram (diffed over
    the soak, interpolated within buckets), the gateway's RSS (``/proc/PID/status``,
    sampled every second) and CPU per 1,000 heartbeats (``/proc/PID/stat``) of the
@@ -29,12 +37,7 @@ From the repository root (``bench`` is not an installed package). What it does, 
 5. **Request/reply**: ``GET /v1/devices/{id}`` with ``--rpc-in-flight`` requests
    outstanding for ``--rpc-seconds`` (``bench.rpc``), with a key made by
    ``gateway apikey create --scope devices:read``.
-6. **References**, each on a fresh broker with the same ladder (``bench.reference``):
-   ``bench.ceiling`` in its ``async for`` mode (aiomqtt's ordinary receive loop, no
-   processing: the ceiling for the client library), ``bench.ceiling --drain`` (the
-   same with the queue read in batches, the receive style the gateway's edge uses) and
-   ``bench.baseline`` (``json.loads`` and one awaited ``UPDATE`` per message).
-7. Prints the tables and the targets with their ratios; ``--json FILE`` saves it all.
+6. Prints the tables and the targets with their ratios; ``--json FILE`` saves it all.
 
 Every broker and process it starts is stopped on the way out, also on Ctrl-C.
 """
@@ -54,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +67,7 @@ import asyncpg
 from bench._common import run as run_loop
 from bench.loadgen import LoadGen, make_serials
 from bench.mosquitto import TunedMosquitto, free_port
-from bench.rpc import RpcResult, run_rpc
+from bench.rpc import run_rpc
 from bench.seed import device_id, seed_devices, verify_zero_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -645,18 +648,6 @@ class Bench:
         )
         return result
 
-    async def ladder(self, subject: Subject, broker: TunedMosquitto, rates: Sequence[float],
-                     report: Callable[[Step], None]) -> list[Step]:
-        steps: list[Step] = []
-        for rate in rates:
-            s = await self.step(subject, broker, rate, self.args.step_seconds,
-                                verify_sample=self.args.step_verify_sample)
-            steps.append(s)
-            report(s)
-            if not s.sustained:
-                break
-        return steps
-
 
 # ---- phases -----------------------------------------------------------------------------
 
@@ -684,93 +675,20 @@ async def run_command(*argv: str, database_url: str) -> str:
     return out.decode()
 
 
-async def gateway_phase(bench: Bench, results: dict[str, Any]) -> None:
+async def run_all(bench: Bench, results: dict[str, Any]) -> None:
+    """Start the gateway and the references, each on a broker of its own, run the
+    ladder interleaved (each rate for every subject still standing, so that the
+    comparisons come from the same minutes of a shared machine), then stop the
+    references and soak the gateway and measure request/reply."""
     args = bench.args
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    async with TunedMosquitto() as broker:
+    async with contextlib.AsyncExitStack() as stack:
+        broker = await stack.enter_async_context(TunedMosquitto())
         gw = GatewayProcess(broker.port, args.database_url, bench.workdir,
                             args.gateway_pg_setting)
         rss_task: asyncio.Task[None] | None = None
-        try:
-            await gw.start()
-            rss_task = asyncio.create_task(bench.sample_rss(gw.pid))
-            log(f"gateway pid {gw.pid} healthy (broker :{broker.port}, metrics "
-                f":{gw.metrics_port}); RSS {proc_rss_mb(gw.pid):.0f} MiB")
-            results["gateway_pid"] = gw.pid
-            m0 = await gw.metrics()
-            t_start = time.perf_counter()
 
-            steps: list[Step] = []
-            if rates:
-                steps = await bench.ladder(gw, broker, rates, lambda s: log(step_line(s)))
-            results["ladder"] = [asdict(s) for s in steps]
-            passed = [s.offered for s in steps if s.sustained]
-
-            soak_rate = args.soak_rate
-            if soak_rate is None:
-                soak_rate = TARGET_RATE
-                if steps and (not passed or max(passed) < TARGET_RATE):
-                    soak_rate = max(passed) if passed else min(rates)
-            # A short ladder step can pass while the backlog creeps up; the soak is the
-            # long-run check. If it fails, try the next lower rate the ladder sustained.
-            soaks: list[Step] = []
-            while args.duration > 0 and len(soaks) < args.soak_attempts:
-                log(f"soak: {soak_rate:,.0f}/s for {args.duration:g} s")
-                soak = await bench.step(gw, broker, soak_rate, args.duration,
-                                        verify_sample=args.verify_sample,
-                                        verify_all_sent=True)
-                soak.subject = "gateway soak"
-                soaks.append(soak)
-                log(step_line(soak))
-                lower = [r for r in passed if r < soak_rate]
-                if soak.sustained or args.soak_rate is not None or not lower:
-                    break
-                soak_rate = max(lower)
-            results["soaks"] = [asdict(s) for s in soaks]
-            results["soak"] = results["soaks"][-1] if soaks else None
-
-            rpc: RpcResult | None = None
-            if args.rpc_seconds > 0:
-                key = (await run_command("apikey", "create", "--scope", "devices:read",
-                                         "--name", "bench", database_url=args.database_url)
-                       ).strip().splitlines()[-1]
-                picks = [device_id(s) for s in bench.rng.sample(
-                    bench.serials, min(len(bench.serials), 100_000))]
-                assert bench.db is not None
-                pg0 = {pid: proc_cpu(pid) or 0.0 for pid in await pg_backend_pids(bench.db)}
-                cpu0 = proc_cpu(gw.pid)
-                rpc = await run_rpc("127.0.0.1", broker.port, key, picks,
-                                    in_flight=args.rpc_in_flight, duration=args.rpc_seconds,
-                                    warmup=args.rpc_warmup)
-                cpu1 = proc_cpu(gw.pid)
-                pg_cpu = sum((proc_cpu(pid) or 0.0) - pg0.get(pid, 0.0)
-                             for pid in await pg_backend_pids(bench.db))
-                log(rpc.summary())
-                # CPU over warm-up + window, per request answered in the window (close
-                # enough: the warm-up is short and runs at the same rate).
-                answered = max(rpc.completed, 1) * (1 + args.rpc_warmup / rpc.seconds)
-                results["rpc"] = rpc.as_dict() | {
-                    "gateway_cpu_ms_per_request":
-                        (cpu1 - cpu0) * 1000 / answered
-                        if cpu0 is not None and cpu1 is not None else None,
-                    "pg_cpu_ms_per_request": pg_cpu * 1000 / answered,
-                }
-            m1 = await gw.metrics()
-            t_end = time.perf_counter()
-            rss_all = bench.rss_between(t_start, t_end)
-            results["gateway_totals"] = {
-                "received": m1.received - m0.received,
-                "applied": m1.applied - m0.applied,
-                "stale": m1.stale - m0.stale,
-                "rejected": {k: v - m0.rejected_by.get(k, 0.0)
-                             for k, v in m1.rejected_by.items()
-                             if v - m0.rejected_by.get(k, 0.0)},
-                "minutes": (t_end - t_start) / 60,
-                "rss_start": rss_all[0] if rss_all else None,
-                "rss_end": rss_all[-1] if rss_all else None,
-                "rss_max": max(rss_all) if rss_all else None,
-            }
-        finally:
+        async def stop_gateway() -> None:
             if rss_task is not None:
                 rss_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -780,18 +698,109 @@ async def gateway_phase(bench: Bench, results: dict[str, Any]) -> None:
             if gw.exit_code not in (0, None):
                 log(f"gateway exited with {gw.exit_code}:\n{gw.log_tail()}")
 
+        stack.push_async_callback(stop_gateway)
+        await gw.start()
+        rss_task = asyncio.create_task(bench.sample_rss(gw.pid))
+        log(f"gateway pid {gw.pid} healthy (broker :{broker.port}, metrics "
+            f":{gw.metrics_port}); RSS {proc_rss_mb(gw.pid):.0f} MiB")
+        results["gateway_pid"] = gw.pid
+        m0 = await gw.metrics()
+        t_start = time.perf_counter()
 
-async def reference_phase(bench: Bench, kind: str, results: dict[str, Any]) -> None:
-    rates = [float(r) for r in bench.args.rates.split(",") if r.strip()]
-    async with TunedMosquitto() as broker:
-        ref = ReferenceProcess(kind, broker.port, bench.args.database_url, bench.workdir)
-        try:
-            await ref.start()
-            log(f"{ref.name}: pid {ref.pid} subscribed (broker :{broker.port})")
-            steps = await bench.ladder(ref, broker, rates, lambda s: log(step_line(s)))
-        finally:
-            await ref.stop()
-        results.setdefault("references", {})[kind] = [asdict(s) for s in steps]
+        standing: list[tuple[Subject, TunedMosquitto]] = [(gw, broker)]
+        refs: list[ReferenceProcess] = []
+        async with contextlib.AsyncExitStack() as ref_stack:
+            if args.references and rates:
+                for kind in REFERENCE_NAMES:
+                    ref_broker = await ref_stack.enter_async_context(TunedMosquitto())
+                    ref = ReferenceProcess(kind, ref_broker.port, args.database_url,
+                                           bench.workdir)
+                    ref_stack.push_async_callback(ref.stop)
+                    await ref.start()
+                    log(f"{ref.name}: pid {ref.pid} subscribed (broker :{ref_broker.port})")
+                    refs.append(ref)
+                    standing.append((ref, ref_broker))
+            ladders: dict[str, list[Step]] = {s.name: [] for s, _ in standing}
+            for rate in rates:
+                for subject, subject_broker in list(standing):
+                    s = await bench.step(subject, subject_broker, rate, args.step_seconds,
+                                         verify_sample=args.step_verify_sample)
+                    ladders[subject.name].append(s)
+                    log(step_line(s))
+                    if not s.sustained:
+                        standing.remove((subject, subject_broker))
+                if not standing:
+                    break
+        # The references are stopped: the soak and request/reply have the machine.
+        steps = ladders["gateway"]
+        results["ladder"] = [asdict(s) for s in steps]
+        results["references"] = {ref.kind: [asdict(s) for s in ladders[ref.name]]
+                                 for ref in refs}
+        passed = [s.offered for s in steps if s.sustained]
+
+        soak_rate = args.soak_rate
+        if soak_rate is None:
+            soak_rate = TARGET_RATE
+            if steps and (not passed or max(passed) < TARGET_RATE):
+                soak_rate = max(passed) if passed else min(rates)
+        # A short ladder step can pass while the backlog creeps up; the soak is the
+        # long-run check. If it fails, try the next lower rate the ladder sustained.
+        soaks: list[Step] = []
+        while args.duration > 0 and len(soaks) < args.soak_attempts:
+            log(f"soak: {soak_rate:,.0f}/s for {args.duration:g} s")
+            soak = await bench.step(gw, broker, soak_rate, args.duration,
+                                    verify_sample=args.verify_sample, verify_all_sent=True)
+            soak.subject = "gateway soak"
+            soaks.append(soak)
+            log(step_line(soak))
+            lower = [r for r in passed if r < soak_rate]
+            if soak.sustained or args.soak_rate is not None or not lower:
+                break
+            soak_rate = max(lower)
+        results["soaks"] = [asdict(s) for s in soaks]
+        results["soak"] = results["soaks"][-1] if soaks else None
+
+        if args.rpc_seconds > 0:
+            results["rpc"] = await rpc_phase(bench, gw, broker)
+        m1 = await gw.metrics()
+        t_end = time.perf_counter()
+        rss_all = bench.rss_between(t_start, t_end)
+        results["gateway_totals"] = {
+            "received": m1.received - m0.received,
+            "applied": m1.applied - m0.applied,
+            "stale": m1.stale - m0.stale,
+            "rejected": {k: v - m0.rejected_by.get(k, 0.0) for k, v in m1.rejected_by.items()
+                         if v - m0.rejected_by.get(k, 0.0)},
+            "minutes": (t_end - t_start) / 60,
+            "rss_start": rss_all[0] if rss_all else None,
+            "rss_end": rss_all[-1] if rss_all else None,
+            "rss_max": max(rss_all) if rss_all else None,
+        }
+
+
+async def rpc_phase(bench: Bench, gw: GatewayProcess, broker: TunedMosquitto) -> dict[str, Any]:
+    args = bench.args
+    assert bench.db is not None
+    key = (await run_command("apikey", "create", "--scope", "devices:read", "--name", "bench",
+                             database_url=args.database_url)).strip().splitlines()[-1]
+    picks = [device_id(s) for s in bench.rng.sample(bench.serials,
+                                                    min(len(bench.serials), 100_000))]
+    pg0 = {pid: proc_cpu(pid) or 0.0 for pid in await pg_backend_pids(bench.db)}
+    cpu0 = proc_cpu(gw.pid)
+    rpc = await run_rpc("127.0.0.1", broker.port, key, picks, in_flight=args.rpc_in_flight,
+                        duration=args.rpc_seconds, warmup=args.rpc_warmup)
+    cpu1 = proc_cpu(gw.pid)
+    pg_cpu = sum((proc_cpu(pid) or 0.0) - pg0.get(pid, 0.0)
+                 for pid in await pg_backend_pids(bench.db))
+    log(rpc.summary())
+    # CPU over warm-up + window, per request answered in the window (close enough: the
+    # warm-up is short and runs at the same rate).
+    answered = max(rpc.completed, 1) * (1 + args.rpc_warmup / max(rpc.seconds, 1e-9))
+    return rpc.as_dict() | {
+        "gateway_cpu_ms_per_request":
+            (cpu1 - cpu0) * 1000 / answered if cpu0 is not None and cpu1 is not None else None,
+        "pg_cpu_ms_per_request": pg_cpu * 1000 / answered,
+    }
 
 
 async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
@@ -808,10 +817,7 @@ async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             inserted, took = await ensure_fleet(bench.db, bench.serials)
             log(f"fleet: {args.devices:,} devices ({inserted:,} seeded now) in {took:.1f} s")
             results["seed"] = {"inserted": inserted, "seconds": took}
-            await gateway_phase(bench, results)
-            if args.references:
-                for kind in ("ceiling", "ceiling-drain", "baseline"):
-                    await reference_phase(bench, kind, results)
+            await run_all(bench, results)
         finally:
             await bench.db.close()
     return results
@@ -1153,6 +1159,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.devices < 1:
         _parser().error("--devices must be positive")
+    for setting in args.gateway_pg_setting:
+        if not re.fullmatch(r"[a-z_.]+=[^&=\s]+", setting):
+            _parser().error(f"--gateway-pg-setting {setting!r}: expected NAME=VALUE")
     results = run_loop(bench_main(args))
     text = report(results)
     print(text, flush=True)

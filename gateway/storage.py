@@ -781,8 +781,11 @@ WHERE devices.deleted_at IS NULL
 RETURNING id, device_type, (xmax = 0) AS created
 """
 
+# NO KEY UPDATE, not UPDATE: it still serialises with the other writers of a device row,
+# but not with the KEY SHARE lock of a foreign-key check, so a settings write (which holds
+# device_settings, then inserts history referencing the device) cannot deadlock with it.
 _LOCK_DEVICES_SQL = """
-SELECT 1 FROM devices WHERE serial_number = ANY($1::text[]) ORDER BY id FOR UPDATE
+SELECT 1 FROM devices WHERE serial_number = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE
 """
 
 # Acks from a batch: only open, unexpired commands of the acking (live) device change.

@@ -288,7 +288,7 @@ async def device(prefix: str, serial: str) -> AsyncIterator[Device]:
                 await reader
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> Any:
+async def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.02) -> Any:
     """Poll an async or sync predicate until it returns something truthy."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -303,7 +303,10 @@ class GatewayProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.environ.get("GATEWAY_TEST_KEEP_LOGS"):
+            print(f"gateway logs kept in {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---- /healthz and /metrics ----------------------------------------------------------------

@@ -476,6 +476,7 @@ class Step:
     rss_start: float | None = None
     rss_end: float | None = None
     rss_max: float | None = None
+    rss_by_minute: list[float] = field(default_factory=list)  # at each whole minute
     kept_up: bool = False
     zero_loss: bool = False
     sustained: bool = False
@@ -504,8 +505,9 @@ class Bench:
         return [mb for t, mb in self.rss if t0 <= t <= t1]
 
     async def verify(self, since_ms: int, sample: int) -> tuple[int, list[str]]:
-        """Check a sample of the devices sent a heartbeat at or after ``since_ms``
-        (0: every device ever sent one); (devices checked, mismatch descriptions)."""
+        """Check a sample (0: all) of the devices sent a heartbeat at or after
+        ``since_ms``; (devices checked, mismatch descriptions). Only devices of the step
+        just run: the load generator's memory also holds what went to the ceiling."""
         assert self.db is not None
         ts, battery = self.gen.last_sent_arrays()
         floor = max(since_ms, 1)
@@ -522,6 +524,20 @@ class Bench:
             for m in mismatches
         ]
 
+    async def settle(self, gw: GatewayProcess, limit: float = 120.0) -> float:
+        """Wait (up to ``limit`` s) until the gateway has nothing buffered and no statement
+        in PostgreSQL, twice 0.1 s apart, so that a step starts from an idle gateway
+        even after one that left a backlog; returns the seconds waited."""
+        assert self.db is not None
+        t0 = time.perf_counter()
+        idle = 0
+        while idle < 2 and time.perf_counter() - t0 < limit:
+            m = await gw.metrics()
+            idle = idle + 1 if m.inbox_depth == 0 and await pg_busy(self.db) == 0 else 0
+            if idle < 2:
+                await asyncio.sleep(0.1)
+        return time.perf_counter() - t0
+
     async def step(
         self,
         subject: Subject,
@@ -530,11 +546,15 @@ class Bench:
         seconds: float,
         *,
         verify_sample: int,
-        verify_all_sent: bool = False,
     ) -> Step:
         args, gen = self.args, self.gen
         result = Step(subject.name, rate, seconds)
         assert broker.proc is not None and self.db is not None
+        if isinstance(subject, GatewayProcess):
+            waited = await self.settle(subject)
+            if waited > 1:
+                result.note += f"waited {waited:.0f} s for the previous backlog; "
+                log(f"{subject.name}: waited {waited:.1f} s for the previous backlog")
         gen.port = broker.port
         c0 = await subject.counters()
         broker_pid = broker.proc.pid
@@ -628,13 +648,15 @@ class Bench:
             rss = self.rss_between(t0, t1)
             if rss:
                 result.rss_start, result.rss_end, result.rss_max = rss[0], rss[-1], max(rss)
+                for minute in range(1, int((t1 - t0) // 60) + 1):
+                    upto = self.rss_between(t0, t0 + 60 * minute)
+                    if upto:
+                        result.rss_by_minute.append(upto[-1])
         result.kept_up = (
             result.drain_seconds is not None and result.drain_seconds <= args.grace
         )
         if subject.writes:
-            result.checked, examples = await self.verify(
-                0 if verify_all_sent else since_ms, verify_sample
-            )
+            result.checked, examples = await self.verify(since_ms, verify_sample)
             result.mismatches = len(examples)
             result.mismatch_examples = examples[:5]
         # Loss: a rejection, a stored state that is not the last one sent, or (for the
@@ -729,6 +751,10 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
                     log(step_line(s))
                     if not s.sustained:
                         standing.remove((subject, subject_broker))
+                        if isinstance(subject, ReferenceProcess):
+                            # Whatever backlog it still has must not compete with the
+                            # subjects still standing.
+                            await subject.stop()
                 if not standing:
                     break
         # The references are stopped: the soak and request/reply have the machine.
@@ -749,7 +775,7 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
         while args.duration > 0 and len(soaks) < args.soak_attempts:
             log(f"soak: {soak_rate:,.0f}/s for {args.duration:g} s")
             soak = await bench.step(gw, broker, soak_rate, args.duration,
-                                    verify_sample=args.verify_sample, verify_all_sent=True)
+                                    verify_sample=args.verify_sample)
             soak.subject = "gateway soak"
             soaks.append(soak)
             log(step_line(soak))
@@ -995,7 +1021,9 @@ def report(results: dict[str, Any]) -> str:
             ["receive-to-commit lag", f"p50 {fmt_ms(soak['lag_p50'])}, p99 "
              f"{fmt_ms(soak['lag_p99'])}; {100 * (soak['lag_le_250ms'] or 0):.2f}% <= 250 ms"],
             ["gateway RSS during the soak", f"{fmt_num(soak['rss_start'])} MiB at start, "
-             f"{fmt_num(soak['rss_end'])} MiB at end, max {fmt_num(soak['rss_max'])} MiB"],
+             f"{fmt_num(soak['rss_end'])} MiB at end, max {fmt_num(soak['rss_max'])} MiB"
+             + (f"; after each minute: {', '.join(f'{mb:.0f}' for mb in soak['rss_by_minute'])}"
+                if len(soak.get("rss_by_minute") or []) > 1 else "")],
             ["gateway RSS, whole run", f"{fmt_num(totals.get('rss_start'))} -> "
              f"{fmt_num(totals.get('rss_end'))} MiB over {totals.get('minutes', 0):.1f} min, "
              f"max {fmt_num(totals.get('rss_max'))} MiB"],
@@ -1004,13 +1032,13 @@ def report(results: dict[str, Any]) -> str:
              f"{fmt_num(soak['pg_ms_per_1k'])}, load generator "
              f"{fmt_num(soak['loadgen_ms_per_1k'])}"],
         ]
-        if soak["mismatch_examples"]:
-            rows.append(["mismatch examples", "; ".join(soak["mismatch_examples"][:3])])
         verdict = "sustained" if soak["sustained"] else "NOT sustained"
         earlier = [f"{s['offered']:,.0f}/s NOT sustained" for s in results["soaks"][:-1]]
         out += ["", f"Soak: {soak['offered']:,.0f}/s offered for {soak['seconds']:g} s, "
                 f"{verdict}" + (f" (after {', '.join(earlier)})" if earlier else ""),
                 table(["", ""], rows)]
+        if soak["mismatch_examples"]:
+            out.append("mismatches, e.g.: " + "; ".join(soak["mismatch_examples"][:3]))
     if totals:
         rejected = ", ".join(f"{k} {v:,.0f}" for k, v in totals["rejected"].items()) or "none"
         out.append(

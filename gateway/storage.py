@@ -41,6 +41,9 @@ _UNAVAILABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # A pooled connection left mid-operation when the server went away ("cannot switch
+    # to state 15; another operation is in progress"): the pool replaces it on release.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -399,17 +399,6 @@ class HealthLog:
                 continue
             return at
         return None
-
-
-@contextlib.contextmanager
-def cleanup(*resources: Any) -> Iterator[None]:
-    """Close every resource (``close()``) on the way out, even if the test failed."""
-    try:
-        yield
-    finally:
-        for resource in reversed(resources):
-            with contextlib.suppress(Exception):
-                resource.close()
 
 
 # ---- MQTT clients for a broker of our own -------------------------------------------------

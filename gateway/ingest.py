@@ -97,6 +97,7 @@ def _fold(queue: list[Pending], entry: Pending) -> int | None:
     while queue and entry.supersedes(queue[-1]):
         entry.absorb(queue.pop())
         removed += 1
+    metrics.HEARTBEATS_SUPERSEDED.inc(removed)
     if not removed:
         return None
     queue.append(entry)

@@ -27,6 +27,11 @@ HEARTBEATS_STALE = Counter(
     "gateway_heartbeats_stale_total",
     "Heartbeats not newer than the stored ts: health kept, acks processed.",
 )
+HEARTBEATS_SUPERSEDED = Counter(
+    "gateway_heartbeats_superseded_total",
+    "Buffered heartbeats replaced by a newer one of the same device before being written "
+    "(received = applied + stale + superseded + rejected).",
+)
 HEARTBEAT_LAG = Histogram(
     "gateway_heartbeat_lag_seconds",
     "From receiving a heartbeat to committing its batch.",

@@ -51,6 +51,10 @@ def _encode_json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Nothing to reset between uses of a pooled connection (see Storage.open)."""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -158,7 +162,16 @@ class Storage:
                 command_timeout=timeout,
                 timeout=timeout,
                 init=_init_connection,
+                # The gateway keeps no session state (advisory locks are per transaction),
+                # so a released connection needs no RESET ALL round trip.
+                reset=_no_reset,
                 max_inactive_connection_lifetime=60,
+                server_settings={
+                    # The batch statements' cost depends on the batch size; a generic
+                    # plan estimates unnest($1) at 10 rows and rescans a CTE per input
+                    # row, which is quadratic in the batch (0.45 s against 0.15 s at 2,000).
+                    "plan_cache_mode": "force_custom_plan",
+                },
             )
         except _UNAVAILABLE as exc:
             raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc

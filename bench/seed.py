@@ -32,30 +32,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
+from gateway_codecs import settings as settings_schema
 
 from bench.loadgen import DEFAULT_SERIAL_PREFIX, make_serials
 
-DEFAULT_SETTINGS: dict[str, object] = {
-    "connection": {
-        "enabled_connections": {"wifi": True, "cellular": True},
-        "upload_network_preference": ["wifi", "ble", "cellular"],
-        "power_management": {
-            "wifi_idle_timeout_seconds": 180,
-            "cellular_idle_timeout_seconds": 180,
-        },
-    },
-    "upload": {
-        "mode": "auto",
-        "streaming_enabled": True,
-        "upload_delay_minutes": 5,
-        "daily_data_limit_mb": 500,
-        "allow_roaming": False,
-        "pause_on_low_battery": True,
-        "off_peak_hours": {"enabled": False, "start": "00:00", "end": "06:00", "timezone": "UTC"},
-    },
-    "audio": {"codec": "opus", "sample_rate_khz": 16, "bitrate_kbps": 32},
-    "power": {"auto_sleep_minutes": 30, "low_battery_threshold_percent": 20},
-}
+DEFAULT_SETTINGS: dict[str, object] = settings_schema.defaults()
 
 DEFAULT_DEVICE_TYPE = "bench-sim"
 

@@ -14,32 +14,13 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import Caller, caller, create_key, device, wait_for
+from test_settings_schema import EXPECTED_DEFAULTS
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 # Contract §7, written out so that a change to the defaults fails here.
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "connection": {
-        "enabled_connections": {"wifi": True, "cellular": True},
-        "upload_network_preference": ["wifi", "ble", "cellular"],
-        "power_management": {
-            "wifi_idle_timeout_seconds": 180,
-            "cellular_idle_timeout_seconds": 180,
-        },
-    },
-    "upload": {
-        "mode": "auto",
-        "streaming_enabled": True,
-        "upload_delay_minutes": 5,
-        "daily_data_limit_mb": 500,
-        "allow_roaming": False,
-        "pause_on_low_battery": True,
-        "off_peak_hours": {"enabled": False, "start": "00:00", "end": "06:00",
-                           "timezone": "UTC"},
-    },
-    "audio": {"codec": "opus", "sample_rate_khz": 16, "bitrate_kbps": 32},
-    "power": {"auto_sleep_minutes": 30, "low_battery_threshold_percent": 20},
-}
+# The contract's §7 defaults, written out once in the settings schema tests.
+DEFAULT_SETTINGS: dict[str, Any] = EXPECTED_DEFAULTS
 
 # Strings that break naively built SQL, JSON or shell text.
 NASTY = [

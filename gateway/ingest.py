@@ -196,7 +196,15 @@ class Ingest:
                 self._wakeup.clear()
             if batch:
                 self._current = asyncio.ensure_future(self._write(batch))
-                await asyncio.shield(self._current)
+                try:
+                    await asyncio.shield(self._current)
+                except Exception:
+                    # A bug must not stop ingest for the whole fleet: the next heartbeat of
+                    # each device carries its whole state again.
+                    log.exception("heartbeat.writer_error", devices=len(batch))
+                    metrics.HEARTBEATS_REJECTED.labels("write_error").inc(
+                        sum(len(queue) for queue in batch.values())
+                    )
 
     async def drain(self, deadline: float) -> None:
         """Write everything buffered, giving up at the monotonic ``deadline``."""

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import aiomqtt
 import asyncpg
 import msgspec
-from conftest import Caller, Device, device
+from conftest import Caller, device
 from gateway_codecs import settings as settings_schema
 from prometheus_client import REGISTRY
 
@@ -23,24 +20,8 @@ HEALTH_COLUMNS = (
 )
 
 
-def no_nagle(client: aiomqtt.Client) -> None:
-    """TCP_NODELAY on a test client's socket.
-
-    Without it, a request published right after the PUBACK of the previous reply waits for
-    the broker's delayed ACK (about 40 ms on Linux): the conftest clients pay that on
-    every request/reply round trip and every heartbeat/answer.
-    """
-    sock = client._client.socket()
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-@contextlib.asynccontextmanager
-async def sim_device(prefix: str, serial: str) -> AsyncIterator[Device]:
-    """conftest's simulated device, without Nagle's delay."""
-    async with device(prefix, serial) as dev:
-        no_nagle(dev.client)
-        yield dev
+# conftest's simulated device (it already sets TCP_NODELAY), under this module's name.
+sim_device = device
 
 
 def now_ms() -> int:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest
 from conftest import Caller, caller, create_key
 
 from gateway.storage import Storage
@@ -23,26 +21,12 @@ READ = "devices:read"
 WRITE = "devices:write"
 
 
-def nodelay(c: Caller) -> Caller:
-    """Turn off Nagle on a test caller's socket (conftest's caller leaves it on, and each
-    request would wait ~40 ms for the broker's delayed ACK)."""
-    sock = c.client._client.socket()
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return c
-
-
-@pytest.fixture(autouse=True)
-def _fast_api(api: Caller) -> None:
-    nodelay(api)
-
-
 @contextlib.asynccontextmanager
 async def caller_with(database_url: str, prefix: str, *scopes: str) -> AsyncIterator[Caller]:
     """A caller holding a new key with exactly ``scopes``."""
     _, secret = await create_key(database_url, *scopes)
     async with caller(prefix, secret) as c:
-        yield nodelay(c)
+        yield c
 
 
 def assert_error(reply: tuple[int, Any], status: int, error_type: str) -> None:
@@ -151,7 +135,6 @@ async def test_revoked_key_is_401_on_the_next_request(
     """A key works, is revoked, and the very next request with it is 401."""
     key_id, secret = await create_key(database_url, READ, WRITE)
     async with caller(topic_prefix, secret) as user:
-        nodelay(user)
         assert (await user.call("GET", "/v1/devices"))[0] == 200
         async with Storage.open(database_url, min_size=1, max_size=1) as storage:
             assert await storage.revoke_api_key(key_id) is True

@@ -12,19 +12,13 @@ import datetime as dt
 from typing import Any
 
 import asyncpg
-import pytest
 from conftest import Caller, Device, wait_for
-from sync_support import command_row, metric, no_nagle, now_ms, register, sim_device
+from sync_support import command_row, metric, now_ms, register, sim_device
 
 from gateway.app import Gateway
 from gateway.routes import new_id
 
 DEFAULT_TTL = 7 * 24 * 3600
-
-
-@pytest.fixture(autouse=True)
-def _api_without_nagle(api: Caller) -> None:
-    no_nagle(api.client)
 
 
 def parse(stamp: str) -> dt.datetime:

@@ -14,27 +14,12 @@ from typing import Any
 import aiomqtt
 import asyncpg
 import msgspec
-import pytest
 from conftest import MQTT_HOST, MQTT_PORT, Caller, caller, wait_for
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import REGISTRY
 
 from gateway.app import Gateway
-
-
-def nodelay(c: Caller) -> Caller:
-    """Turn off Nagle on a test caller's socket (conftest's caller leaves it on, and each
-    request would wait ~40 ms for the broker's delayed ACK)."""
-    sock = c.client._client.socket()
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return c
-
-
-@pytest.fixture(autouse=True)
-def _fast_api(api: Caller) -> None:
-    nodelay(api)
 
 
 def v5_properties(response_topic: str | None, correlation: bytes | None) -> Properties:
@@ -131,7 +116,6 @@ async def test_mqtt311_envelope_reply_to_and_correlation_id_are_honoured(
     """MQTT 3.1.1: reply_to and correlation_id in the envelope; the reply echoes the id."""
     assert api.key is not None
     async with caller(topic_prefix, api.key, v5=False) as old:
-        nodelay(old)
         assert old.client._client.protocol == 4  # MQTT 3.1.1 on the wire
         status, body = await old.call("POST", "/v1/devices", {"serial_number": "SN-V3"})
         assert status == 201

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 from typing import Any
 
 import asyncpg
-import pytest
 from conftest import Caller, caller, create_key, device, wait_for
 from test_settings_schema import EXPECTED_DEFAULTS
 
@@ -31,20 +29,6 @@ NASTY = [
     "100% _wild_ LIKE $1 ::text",
 ]
 TABLES = ("devices", "device_settings", "device_settings_history", "commands", "api_keys")
-
-
-def nodelay(c: Caller) -> Caller:
-    """Turn off Nagle on a test caller's socket (conftest's caller leaves it on, and each
-    request would wait ~40 ms for the broker's delayed ACK)."""
-    sock = c.client._client.socket()
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return c
-
-
-@pytest.fixture(autouse=True)
-def _fast_api(api: Caller) -> None:
-    nodelay(api)
 
 
 def with_settings(**namespaces: dict[str, Any]) -> dict[str, Any]:
@@ -909,7 +893,6 @@ async def test_telemetron_read_only_key_is_403_in_its_shape(
     """A key without devices:write on the Telemetron route: 403 in the Telemetron shape."""
     _, read_key = await create_key(database_url, "devices:read")
     async with caller(topic_prefix, read_key) as reader:
-        nodelay(reader)
         status, reply = await reader.call("POST", "/api/ext-v1/device",
                                           {"identifier": "s403", "type": "sensor"})
     assert status == 403 and set(reply) == {"success", "message"} and not reply["success"]

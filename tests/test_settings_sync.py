@@ -7,23 +7,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
 from conftest import Caller, Device
 from gateway_codecs import settings as settings_schema
 from gateway_codecs.settings import merge_patch_apply, merge_patch_diff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sync_support import metric, no_nagle, now_ms, register, sim_device
+from sync_support import metric, now_ms, register, sim_device
 
 from gateway.app import Gateway
 from gateway.storage import SETTINGS_HISTORY_KEEP
 
 NAMESPACES = ["connection", "upload", "audio", "power"]
-
-
-@pytest.fixture(autouse=True)
-def _api_without_nagle(api: Caller) -> None:
-    no_nagle(api.client)
 
 
 def canonical(value: Any) -> str:

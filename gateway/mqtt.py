@@ -192,6 +192,12 @@ class Edge:
         delay = 0.5
         while True:
             try:
+                # aiomqtt 2.5.1 keeps the previous connection's resolved CONNACK future
+                # after an unexpected disconnect, so re-entering would return before the
+                # new CONNACK and subscribe on a session the broker has not set up yet.
+                # A fresh future makes `async with` wait for this connection's CONNACK.
+                if self._client._connected.done():
+                    self._client._connected = asyncio.get_running_loop().create_future()
                 async with self._client as client:
                     topics = [(self._heartbeat_topic, 1), (self._request_topic, 1)]
                     if self._on_control is not None:

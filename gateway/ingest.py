@@ -360,7 +360,7 @@ def _rounds(batch: dict[str, list[Pending]]) -> list[HeartbeatColumns]:
     depth = max(len(queue) for queue in batch.values())
     rounds = []
     for index in range(depth):
-        columns = HeartbeatColumns([], [], [], [], [], [], [], [], [], [])
+        columns = HeartbeatColumns([], [], [], [], [], [], [], [], [], [], [])
         for serial, queue in batch.items():
             if index < len(queue):
                 hb = queue[index].heartbeat
@@ -377,6 +377,11 @@ def _rounds(batch: dict[str, list[Pending]]) -> list[HeartbeatColumns]:
                     else _json.encode(hb.recording_state).decode()
                 )
                 columns.settings_version.append(hb.settings_version)
+                # A later entry of the same device is newer (see `_fold`), so it is
+                # applied whenever this one is: the commands go out with it alone, and
+                # each delivery is counted once. (One exception: an entry without `ts`
+                # followed by a stale one; its commands then wait for the next heartbeat.)
+                columns.deliver.append(index == len(queue) - 1)
         rounds.append(columns)
     return rounds
 

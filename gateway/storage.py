@@ -132,6 +132,9 @@ class HeartbeatColumns:
     recording_state: list[str | None]  # JSON text
     settings_version: list[int | None]
     received: list[float]  # gateway receive time, epoch seconds: last_heartbeat_at
+    # False where the same device has a later heartbeat in a later round of the batch:
+    # its open commands go out once, with the last one (None counts as True).
+    deliver: list[bool | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -709,7 +712,7 @@ class Storage:
                             columns.serials, columns.ts, columns.firmware, columns.battery,
                             columns.storage_used, columns.storage_total, columns.signal,
                             columns.recording_state, columns.settings_version,
-                            columns.received,
+                            columns.received, columns.deliver,
                         )
                     )
         except asyncpg.PostgresError as exc:
@@ -821,8 +824,9 @@ RETURNING c.id, c.device_id, c.type, c.status
 _HEARTBEAT_SQL = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
-                         $6::bigint[], $7::smallint[], $8::text[], $9::int[], $10::float8[])
-        AS t(serial, ts, firmware, battery, used, total, signal, rec, sv, received)
+                         $6::bigint[], $7::smallint[], $8::text[], $9::int[], $10::float8[],
+                         $11::bool[])
+        AS t(serial, ts, firmware, battery, used, total, signal, rec, sv, received, deliver)
 ), upd AS (
     UPDATE devices d SET
         last_ts = COALESCE(i.ts, d.last_ts),
@@ -836,7 +840,7 @@ WITH input AS (
     FROM input i
     WHERE d.serial_number = i.serial AND d.deleted_at IS NULL
       AND (i.ts IS NULL OR d.last_ts IS NULL OR i.ts > d.last_ts)
-    RETURNING d.id, i.sv
+    RETURNING d.id, i.sv, i.deliver
 ), reported AS (
     UPDATE device_settings s SET applied_version = u.sv
     FROM upd u
@@ -847,6 +851,7 @@ WITH input AS (
         WHERE c.device_id = u.id AND c.status IN ('pending', 'delivered') AND c.expires_at > now()
         ORDER BY c.seq LIMIT 16
     ) o
+    WHERE u.deliver IS NOT FALSE
 ), sent AS (
     -- The status test is not redundant with `due`: when a cancel (or the expiry sweep)
     -- commits while this waits for the row lock, PostgreSQL re-checks only this WHERE

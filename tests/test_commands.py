@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from typing import Any
 
 import asyncpg
 from conftest import Caller, Device, wait_for
+from gateway_codecs import device as device_wire
+from gateway_codecs import settings as settings_schema
 from sync_support import command_row, metric, now_ms, register, sim_device
 
+from gateway import ingest
 from gateway.app import Gateway
+from gateway.ingest import Pending
 from gateway.routes import new_id
+from gateway.storage import Storage
 
 DEFAULT_TTL = 7 * 24 * 3600
 
@@ -523,3 +529,32 @@ async def test_reset_twice_delivers_exactly_one_factory_reset(
     assert status == 200
     assert [c["status"] for c in (await listing(api, dev["id"]))["data"]] == [
         "pending", "succeeded"]
+
+
+async def test_two_heartbeats_of_one_device_in_one_batch_deliver_its_commands_once(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    """A device with two buffered heartbeats that cannot supersede each other is written
+    in two rounds of one batch; its open command goes out with the later one only, so
+    `attempts` counts the one delivery that was published."""
+    async with Storage.open(database_url, min_size=1, max_size=2) as storage:
+        await storage.register_device("dev_twice", "SN-TWICE", None, None, None,
+                                      settings_schema.defaults())
+        await storage.create_command("dev_twice", "cmd_twice", "locate", {},
+                                     dt.timedelta(hours=1), None)
+        ts = now_ms()
+        # The later heartbeat lacks the battery the earlier one carries: two entries.
+        batch = {"SN-TWICE": [
+            Pending(device_wire.Heartbeat(ts=ts, battery_percent=40), time.time()),
+            Pending(device_wire.Heartbeat(ts=ts + 1000, signal_strength_dbm=-60), time.time()),
+        ]}
+        rounds = ingest._rounds(batch)
+        assert len(rounds) == 2
+        outcomes, _ = await storage.apply_heartbeats(rounds, None)
+    assert [row["applied"] for row in outcomes] == [True, True]
+    assert [row["command_count"] for row in outcomes] == [None, 1]
+    command = await db.fetchrow("SELECT status, attempts FROM commands WHERE id = 'cmd_twice'")
+    assert (command["status"], command["attempts"]) == ("delivered", 1)
+    device = await db.fetchrow(
+        "SELECT battery_percent, signal_strength_dbm, last_ts FROM devices WHERE id = 'dev_twice'")
+    assert tuple(device) == (40, -60, ts + 1000)

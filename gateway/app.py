@@ -88,9 +88,15 @@ class Gateway:
         while self.publisher.unacknowledged() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls paho's state, which has no event
             await asyncio.sleep(0.02)
 
+    # The background loops log what they did not expect and go on: an error there must not
+    # end the TaskGroup, and with it the gateway.
+
     async def _watch_database(self) -> None:
         while True:
-            await self.storage.ping()
+            try:
+                await self.storage.ping()
+            except Exception:
+                log.exception("database.ping_failed")
             await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
 
     async def _sweep_commands(self) -> None:
@@ -99,6 +105,9 @@ class Gateway:
             try:
                 expired = await self.storage.expire_commands()
             except StorageUnavailable:
+                continue
+            except Exception:
+                log.exception("commands.sweep_failed")
                 continue
             if expired:
                 metrics.COMMANDS_EXPIRED.inc(len(expired))

@@ -44,6 +44,11 @@ _UNAVAILABLE = (
     # A pooled connection left mid-operation when the server went away ("cannot switch
     # to state 15; another operation is in progress"): the pool replaces it on release.
     asyncpg.exceptions.InternalClientError,
+    # New connections the server refuses while up: the database was dropped or renamed,
+    # connection slots are full, the role lost its login. None is a reason to crash.
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InvalidAuthorizationSpecificationError,
 )
 
 
@@ -176,10 +181,10 @@ class Storage:
                     "plan_cache_mode": "force_custom_plan",
                 },
             )
-        except _UNAVAILABLE as exc:
-            raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
         except asyncpg.InvalidCatalogNameError as exc:
             raise StorageUnavailable(f"{exc} (run `gateway db migrate`)") from exc
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
         metrics.DATABASE_CONNECTED.set(1)
         try:
             yield cls(pool, timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import asyncpg
@@ -9,6 +10,7 @@ from conftest import Caller, wait_for
 from gateway_codecs.device import Heartbeat
 from sync_support import rejected
 
+from gateway import app, metrics
 from gateway.app import Gateway
 from gateway.ingest import Pending
 
@@ -52,3 +54,28 @@ async def test_a_poison_heartbeat_is_isolated_and_the_rest_of_its_batch_applies(
         ) == 55
 
     await wait_for(recovered)
+
+
+async def test_a_dropped_database_is_unavailable_and_the_gateway_stays_up(
+    api: Caller, gateway: Gateway, database_url: str
+) -> None:
+    """PostgreSQL up but refusing the gateway's new connections for another reason than
+    being down (here its database was dropped) reads as unavailable: requests are answered
+    503, and the health check and the command sweep go on instead of ending the gateway."""
+    server, name = database_url.rsplit("/", 1)
+    status, _ = await api.call("GET", "/v1/devices")
+    assert status == 200
+    admin = await asyncpg.connect(f"{server}/postgres")
+    try:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+    status, body = await api.call("GET", "/v1/devices")
+    assert (status, body["error"]["type"]) == (503, "unavailable")
+    # Past a health check and a command sweep, both of which fail to connect.
+    await asyncio.sleep(app.SWEEP_INTERVAL_SECONDS + 0.5)
+    (run,) = [t for t in asyncio.all_tasks() if t.get_name() == "gateway-under-test"]
+    assert not run.done()
+    assert metrics.DATABASE_CONNECTED._value.get() == 0
+    status, body = await api.call("GET", "/v1/devices")
+    assert (status, body["error"]["type"]) == (503, "unavailable")

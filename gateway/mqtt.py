@@ -218,6 +218,18 @@ class Edge:
                     async for _ in client.messages:
                         pass
             except aiomqtt.MqttError as exc:
+                # aiomqtt 2.5.1's exit raises MqttError when the DISCONNECT it sends is not
+                # through within its timeout (a hung broker, full socket buffers), and
+                # then leaves its lock held: every later `async with` would fail as
+                # "reentrant" and the edge would never connect again.
+                if self._client._lock.locked():
+                    self._client._lock.release()
+                # Cancelled inside `async with`, that same error replaces the cancellation:
+                # it must still stop the edge, not start another connection (a shutdown
+                # that never ends).
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc
                 metrics.MQTT_CONNECTED.set(0)
                 metrics.MQTT_RECONNECTS.inc()
                 self.connected.clear()

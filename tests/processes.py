@@ -498,7 +498,14 @@ class RequestClient:
                         future = self._waiting.pop(str(reply.get("correlation_id")), None)
                         if future is not None and not future.done():
                             future.set_result(reply)
-            except aiomqtt.MqttError:
+            except aiomqtt.MqttError as exc:
+                # As in the gateway's edge (`Edge.run`): aiomqtt may leave its lock held
+                # after a failed exit, and that error may stand for a cancellation.
+                if self.client._lock.locked():
+                    self.client._lock.release()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc
                 self.connected.clear()
                 await asyncio.sleep(0.1)
 
@@ -511,7 +518,7 @@ class RequestClient:
         assert self._task is not None
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+            await asyncio.wait_for(self._task, 15)
 
     def _future(self, correlation: str) -> asyncio.Future[dict[str, Any]]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

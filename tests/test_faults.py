@@ -42,6 +42,7 @@ from processes import (
 )
 
 from gateway import auth, metrics
+from gateway.app import Gateway
 from gateway.config import Config
 from gateway.storage import HeartbeatColumns, Storage, migrate
 
@@ -724,6 +725,44 @@ async def test_sigterm_drains_accepted_work_and_exits_0(
     assert registered == len(writes), figures
     assert not late, f"{len(late)} devices lost their last heartbeat, e.g. {late[:3]}"
 
+
+
+
+async def test_shutdown_ends_while_the_broker_hangs(config: Config) -> None:
+    """Stopping while the broker is hung (SIGSTOP) with megabytes of replies unsent: the
+    drain gives up at its deadline, the DISCONNECT can never be written, so aiomqtt's exit
+    raises after its timeout. The gateway still stops; it must not take that error for a
+    lost connection and reconnect (a hung broker still completes TCP handshakes) forever."""
+    broker = Mosquitto()
+    await asyncio.to_thread(broker.start)
+    cfg = dataclasses.replace(config, mqtt_url=broker.url, drain_seconds=1)
+    assert broker.proc is not None
+    try:
+        async with Storage.open(cfg.database_url) as storage:
+            gateway = Gateway(cfg, storage)
+            stop = asyncio.Event()
+            run = asyncio.create_task(gateway.run(stop))
+            await wait_for(gateway.edge.connected.is_set, 10)
+            broker.proc.send_signal(signal.SIGSTOP)
+            # 64 MiB: more than the socket buffers between the two can take.
+            for _ in range(64):
+                gateway.publisher.publish(cfg.topic("api/v1/replies/hung"), b"x" * 2**20)
+            await asyncio.sleep(1)
+            stopped_at = time.monotonic()
+            stop.set()
+            done, _ = await asyncio.wait({run}, timeout=40)
+            took = time.monotonic() - stopped_at
+            if run not in done:
+                run.cancel()
+            report("shutdown_hung_broker", stopped=run in done, stop_s=round(took, 2),
+                   publishes_unacknowledged=gateway.publisher.unacknowledged())
+            assert run in done, "the gateway kept reconnecting to the hung broker"
+            run.result()
+            # The client is usable again (aiomqtt left its lock held after that error).
+            assert not gateway.edge._client._lock.locked()
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+        await asyncio.to_thread(broker.close)
 
 # ---- 3. database outage -------------------------------------------------------------------
 

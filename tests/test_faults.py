@@ -726,8 +726,6 @@ async def test_sigterm_drains_accepted_work_and_exits_0(
     assert not late, f"{len(late)} devices lost their last heartbeat, e.g. {late[:3]}"
 
 
-
-
 async def test_shutdown_ends_while_the_broker_hangs(config: Config) -> None:
     """Stopping while the broker is hung (SIGSTOP) with megabytes of replies unsent: the
     drain gives up at its deadline, the DISCONNECT can never be written, so aiomqtt's exit

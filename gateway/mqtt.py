@@ -22,6 +22,7 @@ import paho.mqtt.client as paho
 import structlog
 from gateway_codecs import api as api_wire
 from gateway_codecs.dynsec import RESPONSE_TOPIC as CONTROL_RESPONSE_TOPIC
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -46,6 +47,58 @@ class _RoutingQueue(asyncio.Queue[aiomqtt.Message]):
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
         self.route(item, time.time())
+
+
+def coalesce_acks(client: paho.Client, most: int = 1024) -> None:
+    """Send runs of queued PUBACKs in one ``send()`` instead of one system call each.
+
+    paho queues a 4-byte PUBACK per QoS 1 message received and writes its queue one
+    packet per ``send()``: at thousands of heartbeats a second that was about a sixth of
+    the gateway's CPU. Before each write, every run of consecutive unsent PUBACKs in the
+    queue is merged into one packet (of at most ``most``). The bytes on the wire and their
+    order are the same, and paho's partial-write bookkeeping (``pos``, ``to_process``)
+    applies to a merged packet as to any other; PUBACKs carry no completion callback.
+    """
+    queue = client._out_packet
+    write = client._packet_write
+
+    def packet_write() -> MQTTErrorCode:
+        if len(queue) > 1:
+            merged: list[Any] = []
+            run: list[Any] = []
+            for packet in queue:
+                if _unsent_puback(packet) and len(run) < most:
+                    run.append(packet)
+                    continue
+                _flush_run(run, merged)
+                if _unsent_puback(packet):
+                    run.append(packet)
+                else:
+                    merged.append(packet)
+            _flush_run(run, merged)
+            if len(merged) < len(queue):
+                queue.clear()
+                queue.extend(merged)
+        return write()
+
+    client._packet_write = packet_write  # type: ignore[method-assign]
+
+
+def _flush_run(run: list[Any], into: list[Any]) -> None:
+    if len(run) > 1:
+        joined = b"".join(packet["packet"] for packet in run)
+        # mid 0 (no real packet id) keeps a merged packet out of later merges.
+        into.append({"command": paho.PUBACK, "mid": 0, "qos": 1, "pos": 0,
+                     "to_process": len(joined), "packet": joined, "info": None})
+    else:
+        into.extend(run)
+    run.clear()
+
+
+def _unsent_puback(packet: Any) -> bool:
+    return bool(
+        (packet["command"] & 0xF0) == paho.PUBACK and packet["pos"] == 0 and packet["mid"]
+    )
 
 
 class Publisher:
@@ -152,7 +205,7 @@ class Edge:
             connect_properties.SessionExpiryInterval = self._config.session_expiry_seconds
         connect_properties.ReceiveMaximum = 65535
         connect_properties.MaximumPacketSize = MAX_PACKET_BYTES
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             endpoint.host,
             endpoint.port,
             username=endpoint.username,
@@ -172,6 +225,8 @@ class Edge:
             # request until the broker's delayed ACK (~40 ms on Linux) on every request.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
+        coalesce_acks(client._client)
+        return client
 
     async def connect_once(self) -> None:
         """Connect once, or raise ``aiomqtt.MqttError`` (used to fail fast at start).
@@ -187,10 +242,12 @@ class Edge:
         finally:
             self.hold_intake(False)
 
-    async def run(self, first_attempt_done: asyncio.Event | None = None) -> None:
+    async def run(self) -> None:
         """Stay connected until cancelled."""
         delay = 0.5
+        task = asyncio.current_task()
         while True:
+            _raise_if_cancelled(task)
             try:
                 # aiomqtt 2.5.1 keeps the previous connection's resolved CONNACK future
                 # after an unexpected disconnect, so re-entering would return before the
@@ -208,6 +265,7 @@ class Edge:
                         if getattr(code, "is_failure", False):
                             # The broker's ACLs refuse it (dynamic security roles).
                             log.error("mqtt.subscribe_refused", topic=topic, reason=str(code))
+                    _raise_if_cancelled(task)
                     self._publisher.attach(client)
                     metrics.MQTT_CONNECTED.set(1)
                     self.connected.set()
@@ -227,9 +285,7 @@ class Edge:
                 # Cancelled inside `async with`, that same error replaces the cancellation:
                 # it must still stop the edge, not start another connection (a shutdown
                 # that never ends).
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError from exc
+                _raise_if_cancelled(task, exc)
                 metrics.MQTT_CONNECTED.set(0)
                 metrics.MQTT_RECONNECTS.inc()
                 self.connected.clear()
@@ -240,6 +296,17 @@ class Edge:
             finally:
                 metrics.MQTT_CONNECTED.set(0)
                 self.connected.clear()
+
+
+def _raise_if_cancelled(task: asyncio.Task[Any] | None, cause: BaseException | None = None) -> None:
+    """Raise CancelledError if ``task`` was asked to stop, even when the request was lost.
+
+    Python 3.11's asyncio.wait_for (which aiomqtt awaits in) swallows a cancellation that
+    arrives as the awaited call completes; the request is still counted by the task, so
+    the edge checks it rather than carry on (or reconnect) after a stop.
+    """
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from cause
 
 
 def message_properties(message: aiomqtt.Message) -> dict[str, Any]:

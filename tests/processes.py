@@ -364,9 +364,10 @@ class HealthLog:
         self.interval = interval
         self.samples: list[tuple[float, int, float, float]] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             status = await healthz(self.port)
             metrics = await scrape(self.port)
             self.samples.append((
@@ -380,10 +381,12 @@ class HealthLog:
         self._task = asyncio.create_task(self._run(), name="health-log")
 
     async def stop(self) -> None:
+        # A flag, not Task.cancel(): Python 3.11's asyncio.wait_for (inside `http_get`)
+        # swallows a cancellation that arrives as its inner call completes, and the
+        # sampler would then run on while this waited for it.
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait_for(self._task, 10)
 
     def first(self, after: float, status: int | None = None, mqtt: float | None = None,
               database: float | None = None) -> float | None:

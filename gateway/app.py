@@ -20,6 +20,7 @@ from gateway.storage import Storage
 log = structlog.get_logger("gateway.app")
 
 HEALTH_INTERVAL_SECONDS = 2.0
+RECHECK_SECONDS = 0.5  # the health check's interval while the database is down
 SWEEP_INTERVAL_SECONDS = 5.0
 
 
@@ -93,11 +94,14 @@ class Gateway:
 
     async def _watch_database(self) -> None:
         while True:
+            up = False
             try:
-                await self.storage.ping()
+                up = await self.storage.ping()
             except Exception:
                 log.exception("database.ping_failed")
-            await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+            # While the database is down, requests fail fast until a check passes: check
+            # more often then, so they are served again soon after it is back.
+            await self.storage.until_failure(HEALTH_INTERVAL_SECONDS if up else RECHECK_SECONDS)
 
     async def _sweep_commands(self) -> None:
         while True:

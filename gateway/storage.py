@@ -7,6 +7,7 @@ failures surface as ``StorageUnavailable`` so callers can answer 503 at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -156,6 +157,11 @@ class Storage:
     def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
         self._pool = pool
         self._timeout = timeout
+        # Set when a health check (`ping`) fails and cleared when one passes. Meanwhile
+        # every call fails at once: a database that hangs instead of refusing would
+        # otherwise hold each request for the whole timeout.
+        self._down = False
+        self._failed = asyncio.Event()  # a call found the database unavailable
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -196,12 +202,15 @@ class Storage:
                 pool.terminate()
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(self, *, check: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        if self._down and not check:
+            raise StorageUnavailable("database unavailable (failing fast until it answers)")
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 yield conn
         except _UNAVAILABLE as exc:
             metrics.DATABASE_CONNECTED.set(0)
+            self._failed.set()
             raise StorageUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
     @contextlib.asynccontextmanager
@@ -210,13 +219,26 @@ class Storage:
             yield conn
 
     async def ping(self) -> bool:
+        """The health check: True when the database answers. While it does not, every
+        other call fails at once (see ``_down``)."""
         try:
-            async with self._connection() as conn:
+            async with self._connection(check=True) as conn:
                 await conn.fetchval("SELECT 1")
         except StorageUnavailable:
+            self._down = True
             return False
+        finally:
+            self._failed.clear()
+        self._down = False
         metrics.DATABASE_CONNECTED.set(1)
         return True
+
+    async def until_failure(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if a call finds the database unavailable meanwhile
+        (the health check then runs at once)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._failed.wait()
 
     async def check_schema(self) -> None:
         """Raise SchemaMissing unless ``gateway db migrate`` has been applied."""

@@ -201,6 +201,16 @@ class Postgres:
         self.running = False
         return time.monotonic() - started
 
+    def pids(self) -> list[int]:
+        """The postmaster and every process it started (none when not running)."""
+        pid_file = self.data / "postmaster.pid"
+        if not pid_file.exists():
+            return []
+        postmaster = int(pid_file.read_text().split("\n", 1)[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True,
+                                  text=True, check=False).stdout.split()
+        return [postmaster, *map(int, children)]
+
     def log(self) -> str:
         path = self.dir / "postgres.log"
         return path.read_text(errors="replace") if path.exists() else ""

@@ -765,6 +765,84 @@ async def test_shutdown_ends_while_the_broker_hangs(config: Config) -> None:
 # ---- 3. database outage -------------------------------------------------------------------
 
 
+async def test_a_hung_database_is_answered_503_at_once_after_one_timeout(
+    config: Config, topic_prefix: str
+) -> None:
+    """PostgreSQL (our own cluster) stops answering without closing anything (every one of
+    its processes SIGSTOPped). Requests in flight wait out the database timeout and get
+    503; the health check fails the same way, and from then on every request is answered
+    503 at once instead of waiting. Once the cluster runs again, requests are served
+    within a health check or so."""
+    timeout = 2.0
+    pg = Postgres()
+    broker = Mosquitto()
+    try:
+        await asyncio.to_thread(pg.init)
+        await asyncio.to_thread(pg.start)
+        await asyncio.to_thread(broker.start)
+        url = pg.url("gateway")
+        await migrate(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await seed(conn, ["HUNG-1"])
+            device_id = await conn.fetchval("SELECT id FROM devices")
+        finally:
+            await conn.close()
+        key = (await create_key(url, auth.READ))[1]
+        cfg = dataclasses.replace(config, mqtt_url=broker.url, database_url=url,
+                                  db_timeout_seconds=timeout)
+        async with running_gateway(cfg), \
+                RequestClient(broker.port, topic_prefix, key) as caller:
+            assert (await caller.call("GET", f"/v1/devices/{device_id}"))[0] == 200
+            cluster = pg.pids()
+            for pid in cluster:
+                os.kill(pid, signal.SIGSTOP)
+            hung_at = time.monotonic()
+            answers: list[tuple[float, float, Any]] = []  # (sent after hang, took, answer)
+
+            async def request() -> None:
+                sent = time.monotonic()
+                answer = await caller.call("GET", f"/v1/devices/{device_id}", within=15)
+                answers.append((sent - hung_at, time.monotonic() - sent, answer))
+
+            requests = []
+            while time.monotonic() - hung_at < 3 * timeout + 2:
+                requests.append(asyncio.create_task(request()))
+                await asyncio.sleep(0.2)
+            await asyncio.gather(*requests)
+            for pid in cluster:
+                os.kill(pid, signal.SIGCONT)
+            resumed_at = time.monotonic()
+
+            async def served() -> bool:
+                answer = await caller.call("GET", f"/v1/devices/{device_id}", within=5)
+                return answer is not None and answer[0] == 200
+
+            await wait_for(served, 15, interval=0.05)
+            served_after = time.monotonic() - resumed_at
+    finally:
+        for pid in pg.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        await asyncio.to_thread(broker.close)
+        await asyncio.to_thread(pg.close)
+
+    answers.sort()
+    fast = [(at, took) for at, took, _ in answers if at > 2 * timeout + 1]
+    report("database_hung", database_timeout_s=timeout, requests=len(answers),
+           slowest_s=round(max(took for _, took, _ in answers), 2),
+           fast_from_s=next((round(at, 2) for at, took, _ in answers if took < 0.5), None),
+           slowest_after_detection_s=round(max(took for _, took in fast), 3),
+           served_after_resume_s=round(served_after, 2))
+    assert all(a is not None and a[0] == 503 and a[1]["error"]["type"] == "unavailable"
+               for _, _, a in answers), answers
+    # Nothing waits longer than one timeout (and a health check that was already waiting).
+    assert max(took for _, took, _ in answers) < 2 * timeout + 1, answers
+    # After the first timeout and a health check, nobody waits for the database.
+    assert fast and max(took for _, took in fast) < 0.5, answers
+
+
+
 async def test_database_outage_answers_503_at_once_bounds_memory_and_catches_up(
     config: Config, topic_prefix: str
 ) -> None:

@@ -309,18 +309,3 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     yield conn
     await conn.close()
 
-
-@pytest.fixture(autouse=True)
-async def _debug_task_dump() -> Any:  # TEMPORARY
-    import io
-    import sys
-
-    def dump() -> None:
-        for t in asyncio.all_tasks():
-            buf = io.StringIO()
-            t.print_stack(file=buf)
-            print("TASK", t.get_name(), buf.getvalue(), file=sys.__stderr__)
-
-    handle = asyncio.get_running_loop().call_later(100, dump)
-    yield
-    handle.cancel()

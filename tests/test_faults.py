@@ -267,9 +267,6 @@ def record_heartbeats(gateway: Any) -> set[tuple[str, int]]:
 # ---- 1. broker restarts -------------------------------------------------------------------
 
 
-# Out of the default run: about one run in five the gateway does not reconnect after the
-# restart (under investigation); run with `pytest -m slow tests/test_faults.py`.
-@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_broker_restart_reconnects_resubscribes_and_converges(
     config: Config, db: asyncpg.Connection, topic_prefix: str, sig: signal.Signals

@@ -22,6 +22,7 @@ import paho.mqtt.client as paho
 import structlog
 from gateway_codecs import api as api_wire
 from gateway_codecs.dynsec import RESPONSE_TOPIC as CONTROL_RESPONSE_TOPIC
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -46,6 +47,86 @@ class _RoutingQueue(asyncio.Queue[aiomqtt.Message]):
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
         self.route(item, time.time())
+
+
+def read_all_ready(client: paho.Client, most: int = 32) -> None:
+    """Have paho read up to ``most`` packets per readable event instead of one.
+
+    aiomqtt calls paho's ``loop_read()`` once per readable event, and paho reads a single
+    packet there (more only while QoS 1 publishes of its own are unacknowledged): a burst
+    of heartbeats cost an event-loop wakeup and a reader callback per message, and their
+    PUBACKs were queued, and written, one at a time. Reading a run of packets per event,
+    and writing their PUBACKs together (`coalesce_acks`), took about 15% off the gateway's
+    CPU per heartbeat and 20% off Mosquitto's at 4,000 to 12,000 heartbeats/s. The bound
+    keeps the heartbeat writer's database round trips from waiting behind a long run: at
+    256 the p99 receive-to-commit lag at 10,000/s went from ~0.2 s to over 2 s; at 32 it
+    costs ~0.1 s. The loop is paho's own with a larger bound.
+    """
+
+    def loop_read(max_packets: int = 1) -> MQTTErrorCode:
+        for _ in range(most):
+            if client._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = client._packet_read()
+            if rc > 0:
+                return client._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    client.loop_read = loop_read  # type: ignore[method-assign]
+
+
+def coalesce_acks(client: paho.Client, most: int = 1024) -> None:
+    """Send runs of queued PUBACKs in one ``send()`` instead of one system call each.
+
+    paho queues a 4-byte PUBACK per QoS 1 message received and writes its queue one
+    packet per ``send()``: at 8,000 heartbeats a second that was about a tenth of the
+    gateway's CPU. Before each write, every run of consecutive unsent PUBACKs in the
+    queue is merged into one packet (of at most ``most``). The bytes on the wire and their
+    order are the same, and paho's partial-write bookkeeping (``pos``, ``to_process``)
+    applies to a merged packet as to any other; PUBACKs carry no completion callback.
+    """
+    queue = client._out_packet
+    write = client._packet_write
+
+    def packet_write() -> MQTTErrorCode:
+        if len(queue) > 1:
+            merged: list[Any] = []
+            run: list[Any] = []
+            for packet in queue:
+                if _unsent_puback(packet) and len(run) < most:
+                    run.append(packet)
+                    continue
+                _flush_run(run, merged)
+                if _unsent_puback(packet):
+                    run.append(packet)
+                else:
+                    merged.append(packet)
+            _flush_run(run, merged)
+            if len(merged) < len(queue):
+                queue.clear()
+                queue.extend(merged)
+        return write()
+
+    client._packet_write = packet_write  # type: ignore[method-assign]
+
+
+def _flush_run(run: list[Any], into: list[Any]) -> None:
+    if len(run) > 1:
+        joined = b"".join(packet["packet"] for packet in run)
+        # mid 0 (no real packet id) keeps a merged packet out of later merges.
+        into.append({"command": paho.PUBACK, "mid": 0, "qos": 1, "pos": 0,
+                     "to_process": len(joined), "packet": joined, "info": None})
+    else:
+        into.extend(run)
+    run.clear()
+
+
+def _unsent_puback(packet: Any) -> bool:
+    return bool(
+        (packet["command"] & 0xF0) == paho.PUBACK and packet["pos"] == 0 and packet["mid"]
+    )
 
 
 class Publisher:
@@ -152,7 +233,7 @@ class Edge:
             connect_properties.SessionExpiryInterval = self._config.session_expiry_seconds
         connect_properties.ReceiveMaximum = 65535
         connect_properties.MaximumPacketSize = MAX_PACKET_BYTES
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             endpoint.host,
             endpoint.port,
             username=endpoint.username,
@@ -172,6 +253,10 @@ class Edge:
             # request until the broker's delayed ACK (~40 ms on Linux) on every request.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
+        # Speed: bursts are read, and acknowledged, a socketful at a time.
+        read_all_ready(client._client)
+        coalesce_acks(client._client)
+        return client
 
     async def connect_once(self) -> None:
         """Connect once, or raise ``aiomqtt.MqttError`` (used to fail fast at start).

@@ -1,0 +1,130 @@
+"""The edge's paho speed-ups: a socketful read per readable event, PUBACKs written in runs.
+
+End to end, every heartbeat test depends on them (a lost or mangled PUBACK would make the
+broker deliver again or drop the connection); here paho reads and writes through a socket
+pair, so what it handled, the bytes it wrote and its ``send()`` calls can be checked.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+
+from gateway.mqtt import coalesce_acks, read_all_ready
+
+
+@pytest.fixture
+def wired() -> Iterator[tuple[paho.Client, socket.socket, list[int]]]:
+    """A paho client whose socket is one end of a socket pair; yields the client, the
+    other end, and the sizes of the client's ``send()`` calls."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    ours, theirs = socket.socketpair()
+    client._sock = ours
+    sends: list[int] = []
+    send = client._sock_send
+
+    def counted(data: bytes) -> int:
+        sends.append(len(data))
+        return send(data)
+
+    client._sock_send = counted  # type: ignore[method-assign]
+    read_all_ready(client)
+    coalesce_acks(client)
+    yield client, theirs, sends
+    ours.close()
+    theirs.close()
+
+
+def queue(client: paho.Client, command: int, packet: bytes) -> None:
+    """Queue ``packet`` as paho's ``_packet_queue`` does (its packet id from its bytes)."""
+    mid = int.from_bytes(packet[2:4], "big")
+    client._out_packet.append({"command": command, "mid": mid, "qos": 1, "pos": 0,
+                               "to_process": len(packet), "packet": packet, "info": None})
+
+
+def puback(mid: int) -> bytes:
+    return bytes([paho.PUBACK, 2]) + mid.to_bytes(2, "big")
+
+
+def read_all(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        data += sock.recv(size - len(data))
+    return data
+
+
+def test_a_run_of_pubacks_goes_out_in_one_send(wired: Any) -> None:
+    client, theirs, sends = wired
+    subscribe = b"\x82\x05\x00\x07\x00\x00\x00"  # any other packet ends the run
+    expected = b"".join(puback(mid) for mid in range(1, 501)) + subscribe + puback(501)
+    for mid in range(1, 501):
+        queue(client, paho.PUBACK, puback(mid))
+    queue(client, paho.SUBSCRIBE, subscribe)
+    queue(client, paho.PUBACK, puback(501))
+    assert client._packet_write() == paho.MQTT_ERR_SUCCESS
+    assert read_all(theirs, len(expected)) == expected
+    assert sends == [500 * 4, len(subscribe), 4]
+    assert not client._out_packet
+
+
+def test_a_run_longer_than_the_cap_is_split(wired: Any) -> None:
+    client, theirs, sends = wired
+    for mid in range(1, 2501):
+        queue(client, paho.PUBACK, puback(mid))
+    client._packet_write()
+    assert read_all(theirs, 2500 * 4) == b"".join(puback(mid) for mid in range(1, 2501))
+    assert sends == [1024 * 4, 1024 * 4, 452 * 4]
+
+
+def test_a_partial_write_resumes_where_it_stopped(wired: Any) -> None:
+    """The socket takes 7 bytes, then would block: the merged packet is finished over
+    later writes, exactly as paho finishes any packet, and PUBACKs queued meanwhile
+    follow it (merged in turn, never into the half-sent one)."""
+    client, theirs, _ = wired
+    send = client._sock_send
+    full = [False]
+
+    def trickle(data: bytes) -> int:
+        full[0] = not full[0]
+        if not full[0]:
+            raise BlockingIOError
+        return send(data[:7])
+
+    client._sock_send = trickle
+    for mid in range(1, 11):
+        queue(client, paho.PUBACK, puback(mid))
+    assert client._packet_write() == paho.MQTT_ERR_AGAIN
+    assert client._out_packet[0]["pos"] == 7
+    queue(client, paho.PUBACK, puback(11))
+    queue(client, paho.PUBACK, puback(12))
+    for _ in range(40):
+        client._packet_write()
+    expected = b"".join(puback(mid) for mid in range(1, 13))
+    assert read_all(theirs, len(expected)) == expected
+    assert not client._out_packet
+
+
+def publish_v5(topic: bytes, payload: bytes) -> bytes:
+    """An MQTT 5 QoS 0 PUBLISH with no properties."""
+    body = len(topic).to_bytes(2, "big") + topic + b"\x00" + payload
+    return bytes([0x30, len(body)]) + body
+
+
+def test_one_readable_event_reads_a_run_of_packets(wired: Any) -> None:
+    """paho alone reads one packet per `loop_read()`; the edge's reads up to 32, and
+    returns without blocking when the socket is empty."""
+    client, theirs, _ = wired
+    client._sock.setblocking(False)
+    received: list[bytes] = []
+    client.on_message = lambda _client, _userdata, message: received.append(message.payload)
+    theirs.sendall(b"".join(publish_v5(b"devices/a/heartbeat", b"%d" % n) for n in range(50)))
+    assert client.loop_read() == paho.MQTT_ERR_SUCCESS
+    assert received == [b"%d" % n for n in range(32)]
+    assert client.loop_read() == paho.MQTT_ERR_SUCCESS
+    assert received == [b"%d" % n for n in range(50)]
+    assert client.loop_read() == paho.MQTT_ERR_SUCCESS  # nothing left: returns at once
+    assert len(received) == 50

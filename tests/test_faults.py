@@ -220,6 +220,25 @@ async def seed(conn: asyncpg.Connection, serials: list[str]) -> None:
             )
 
 
+async def start_own_services(pg: Postgres, broker: Mosquitto,
+                             serials: list[str]) -> tuple[str, str]:
+    """Start the test's own PostgreSQL cluster and Mosquitto, migrate, seed ``serials``.
+    Returns the database URL and the device id of the first serial."""
+    await asyncio.to_thread(pg.init)
+    await asyncio.to_thread(pg.start)
+    await asyncio.to_thread(broker.start)
+    url = pg.url("gateway")
+    await migrate(url)
+    conn = await asyncpg.connect(url)
+    try:
+        await seed(conn, serials)
+        device_id = await conn.fetchval(
+            "SELECT id FROM devices WHERE serial_number = $1", serials[0])
+    finally:
+        await conn.close()
+    return url, device_id
+
+
 async def behind(conn: asyncpg.Connection, want: dict[str, int]) -> list[str]:
     """Serials whose stored heartbeat is older than ``want[serial]``, or whose health does
     not belong to their stored ``ts``."""
@@ -774,17 +793,7 @@ async def test_a_hung_database_is_answered_503_at_once_after_one_timeout(
     pg = Postgres()
     broker = Mosquitto()
     try:
-        await asyncio.to_thread(pg.init)
-        await asyncio.to_thread(pg.start)
-        await asyncio.to_thread(broker.start)
-        url = pg.url("gateway")
-        await migrate(url)
-        conn = await asyncpg.connect(url)
-        try:
-            await seed(conn, ["HUNG-1"])
-            device_id = await conn.fetchval("SELECT id FROM devices")
-        finally:
-            await conn.close()
+        url, device_id = await start_own_services(pg, broker, ["HUNG-1"])
         key = (await create_key(url, auth.READ))[1]
         cfg = dataclasses.replace(config, mqtt_url=broker.url, database_url=url,
                                   db_timeout_seconds=timeout)
@@ -856,18 +865,8 @@ async def test_database_outage_answers_503_at_once_bounds_memory_and_catches_up(
     pg = Postgres()
     broker = Mosquitto()
     try:
-        await asyncio.to_thread(pg.init)
-        await asyncio.to_thread(pg.start)
-        await asyncio.to_thread(broker.start)
-        url = pg.url("gateway")
-        await migrate(url)
-        conn = await asyncpg.connect(url)
-        try:
-            await seed(conn, [*serials, *late_serials, "REPLAYER"])
-            device_id = await conn.fetchval(
-                "SELECT id FROM devices WHERE serial_number = $1", serials[0])
-        finally:
-            await conn.close()
+        url, device_id = await start_own_services(
+            pg, broker, [*serials, *late_serials, "REPLAYER"])
         key = (await create_key(url, auth.READ, auth.WRITE))[1]
         cfg = dataclasses.replace(config, mqtt_url=broker.url, database_url=url,
                                   inbox_max=cap)

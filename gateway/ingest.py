@@ -125,6 +125,8 @@ class Ingest:
         self._room = asyncio.Event()
         self._room.set()
         self._reject_log = RateLimitedLog()
+        # A database outage retries the batch every 0.5 s: one line per 30 s says it.
+        self._outage_log = RateLimitedLog(burst=1, period=30.0)
         self._stopping = False
 
     @property
@@ -250,7 +252,10 @@ class Ingest:
         try:
             outcomes, acked = await self._storage.apply_heartbeats(rounds, acks)
         except StorageUnavailable as exc:
-            log.warning("heartbeat.write_failed", error=str(exc), devices=len(batch))
+            allowed, suppressed = self._outage_log.allow()
+            if allowed:
+                log.warning("heartbeat.write_failed", error=str(exc), devices=len(batch),
+                            suppressed=suppressed)
             self._writing = 0
             self._requeue(batch)
             await asyncio.sleep(0.5)

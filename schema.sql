@@ -101,3 +101,14 @@ CREATE TABLE IF NOT EXISTS device_credentials (
 ALTER TABLE device_credentials ADD COLUMN IF NOT EXISTS broker_revoked_at timestamptz;
 CREATE INDEX IF NOT EXISTS device_credentials_unapplied_idx ON device_credentials (device_id)
     WHERE revoked_at IS NOT NULL AND broker_revoked_at IS NULL;
+-- A process changing a device's account at the broker holds a lease on its row instead of
+-- a transaction: `lease` names the holder, and a lease past `lease_until` has lapsed.
+ALTER TABLE device_credentials ADD COLUMN IF NOT EXISTS lease text;
+ALTER TABLE device_credentials ADD COLUMN IF NOT EXISTS lease_until timestamptz;
+
+-- Periodic work (command expiry, revocation passes, history pruning) is claimed here, so
+-- that one process runs each period whatever the number of gateway processes.
+CREATE TABLE IF NOT EXISTS sweeps (
+    name      text        PRIMARY KEY,
+    next_run  timestamptz NOT NULL
+);

@@ -49,6 +49,9 @@ class Heartbeat(msgspec.Struct):
 
 
 class Command(msgspec.Struct):
+    """One command as devices receive it (the gateway's SQL builds this JSON for speed;
+    a test decodes that output with this Struct)."""
+
     id: str
     type: str
     params: dict[str, Any]
@@ -57,22 +60,25 @@ class Command(msgspec.Struct):
 
 
 class CommandBatch(msgspec.Struct):
+    """``devices/{serial}/commands``: the device's open commands, oldest first."""
+
     commands: list[Command]
 
 
 class SettingsPatch(msgspec.Struct):
+    """``devices/{serial}/settings``: the merge patch from the version the device has."""
+
     version: int
     base_version: int
     patch: dict[str, Any]
 
 
 class SettingsFull(msgspec.Struct):
+    """``devices/{serial}/settings``: the whole document, when no patch can be made."""
+
     version: int
     base_version: None
     settings: dict[str, Any]
-
-
-SettingsUpdate = SettingsPatch | SettingsFull
 
 
 class DecodeError(ValueError):
@@ -123,11 +129,24 @@ def decode_heartbeat(payload: bytes, content_type: str | None = None) -> Heartbe
         return _msgpack_heartbeat.decode(payload)
     except msgspec.ValidationError as exc:
         reason = "invalid" if _well_formed(payload, fmt) else "malformed"
-        raise DecodeError(reason, str(exc)) from exc
+        raise DecodeError(reason, _explain(payload, fmt, str(exc))) from exc
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
         # msgspec bounds its recursion: `[[[[...` 100,000 deep ends here, not in a crash.
         # Invalid UTF-8 in a string surfaces as UnicodeDecodeError.
         raise DecodeError("malformed", str(exc)) from exc
+
+
+_MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+
+
+def _explain(payload: bytes, fmt: str, error: str) -> str:
+    """msgspec's error, unless the payload is no object at all: then say what it is."""
+    first = payload.lstrip(_WHITESPACE)[:1]
+    if fmt == MSGPACK and (not first or first[0] not in _MAP_MARKERS):
+        return "not a heartbeat: neither a JSON object nor a MessagePack map"
+    if fmt == JSON and first == b"[":
+        return "not a heartbeat: a JSON array, not an object"
+    return error
 
 
 def _well_formed(payload: bytes, fmt: str) -> bool:

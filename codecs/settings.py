@@ -1,18 +1,20 @@
-"""Device settings document: schema, defaults, validation, PUT/PATCH and RFC 7396 merge patches.
+"""The device settings document: its Structs, defaults, PUT and PATCH, RFC 7396 merge patches.
 
-The schema is one declarative table (``_SCHEMA``) of nested namespaces whose leaves are
-``_Field`` entries (a default plus a checker returning an error text or ``None``).
+The Structs below are the schema: every field's type, range and default, and the wording
+of its validation error (``rule``). A document is stored and sent as the plain JSON object
+these Structs encode to, in their field order.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 import zoneinfo
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from functools import cache
-from typing import Any, TypeAlias, TypeGuard
+from typing import Annotated, Any, Literal
+
+import msgspec
+from gateway_codecs.validation import ErrorDetail, Invalid, rule, validate
 
 __all__ = [
     "AUDIO_CODECS",
@@ -20,6 +22,7 @@ __all__ = [
     "NETWORKS",
     "SAMPLE_RATES_KHZ",
     "UPLOAD_MODES",
+    "Settings",
     "SettingsError",
     "defaults",
     "merge_patch_apply",
@@ -28,35 +31,16 @@ __all__ = [
     "replace",
 ]
 
-UPLOAD_MODES = ("ble_only", "auto", "wifi_preferred", "4g_preferred", "wifi_only", "4g_only")
-NETWORKS = ("wifi", "ble", "cellular")
-AUDIO_CODECS = ("opus", "aac", "pcm")
-SAMPLE_RATES_KHZ = (8, 16, 24, 32, 48)
+UploadMode = Literal["ble_only", "auto", "wifi_preferred", "4g_preferred", "wifi_only", "4g_only"]
+Network = Literal["wifi", "ble", "cellular"]
+AudioCodec = Literal["opus", "aac", "pcm"]
+SampleRate = Literal[8, 16, 24, 32, 48]
+UPLOAD_MODES: tuple[str, ...] = UploadMode.__args__  # type: ignore[attr-defined]
+NETWORKS: tuple[str, ...] = Network.__args__  # type: ignore[attr-defined]
+AUDIO_CODECS: tuple[str, ...] = AudioCodec.__args__  # type: ignore[attr-defined]
+SAMPLE_RATES_KHZ: tuple[int, ...] = SampleRate.__args__  # type: ignore[attr-defined]
 
-_HHMM = re.compile(r"(?:[01][0-9]|2[0-3]):[0-5][0-9]")
-# Names the system zoneinfo folder lists that are not IANA zone names.
-_NOT_ZONES = frozenset({"localtime", "posixrules"})
-_MISSING: Any = object()
-
-
-class SettingsError(ValueError):
-    """Invalid settings; ``details`` lists every bad field as ``{"field", "error"}``."""
-
-    def __init__(self, message: str, details: list[dict[str, str]]) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
-
-
-@dataclass(frozen=True)
-class _Field:
-    """One leaf of the schema: its default and a checker (error text or None)."""
-
-    default: Any
-    check: Callable[[object], str | None]
-
-
-_Schema: TypeAlias = Mapping[str, "_Field | _Schema"]
+_NOT_ZONES = frozenset({"localtime", "posixrules"})  # in the zoneinfo folder, not IANA names
 
 
 @cache
@@ -65,181 +49,152 @@ def _time_zones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones() - _NOT_ZONES | {"UTC"})
 
 
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_zone(name: str) -> bool:
+    return name in _time_zones()
 
 
-def _boolean(default: bool) -> _Field:
-    return _Field(default, lambda v: None if isinstance(v, bool) else "Must be a boolean")
+def _distinct(values: list[str]) -> bool:
+    return len(set(values)) == len(values)
 
 
-def _integer(default: int, low: int, high: int, unit: str = "") -> _Field:
-    text = f"Must be between {low} and {high}{' ' + unit if unit else ''}"
-
-    def check(value: object) -> str | None:
-        if not _is_int(value):
-            return "Must be an integer"
-        return None if low <= value <= high else text
-
-    return _Field(default, check)
+def _range(low: int, high: int, unit: str) -> Any:
+    return msgspec.Meta(ge=low, le=high, extra=rule(f"Must be between {low} and {high} {unit}"))
 
 
-def _int_choice(default: int, options: Sequence[int]) -> _Field:
-    text = "Must be one of: " + ", ".join(map(str, options))
-
-    def check(value: object) -> str | None:
-        if not _is_int(value):
-            return "Must be an integer"
-        return None if value in options else text
-
-    return _Field(default, check)
+def _one_of(name: str, options: tuple[object, ...]) -> Any:
+    prefix = f"Invalid {name}. " if name else ""
+    return msgspec.Meta(extra=rule(prefix + "Must be one of: " + ", ".join(map(str, options))))
 
 
-def _choice(default: str, name: str, options: Sequence[str]) -> _Field:
-    text = f"Invalid {name}. Must be one of: " + ", ".join(options)
-
-    def check(value: object) -> str | None:
-        if not isinstance(value, str):
-            return "Must be a string"
-        return None if value in options else text
-
-    return _Field(default, check)
-
-
-def _string(default: str, valid: Callable[[str], object], text: str) -> _Field:
-    def check(value: object) -> str | None:
-        if not isinstance(value, str):
-            return "Must be a string"
-        return None if valid(value) else text
-
-    return _Field(default, check)
+Seconds = Annotated[int, _range(0, 86400, "seconds")]
+Minutes = Annotated[int, _range(0, 1440, "minutes")]
+ClockTime = Annotated[
+    str, msgspec.Meta(pattern=r"^(?:[01][0-9]|2[0-3]):[0-5][0-9]$", min_length=5,
+                      max_length=5, extra=rule("Must be a time as HH:MM"))
+]
+TimeZone = Annotated[str, msgspec.Meta(extra=rule("Must be an IANA time zone name", _is_zone))]
+NetworkPreference = Annotated[
+    list[Network],
+    msgspec.Meta(min_length=1, max_length=3, extra=rule(
+        "Must list 1 to 3 distinct values of: " + ", ".join(NETWORKS), _distinct)),
+]
 
 
-def _distinct_list(default: list[str], options: Sequence[str]) -> _Field:
-    text = f"Must list 1 to {len(options)} distinct values of: " + ", ".join(options)
-
-    def check(value: object) -> str | None:
-        ok = (
-            isinstance(value, list)
-            and 1 <= len(value) <= len(options)
-            and all(isinstance(item, str) and item in options for item in value)
-            and len(set(value)) == len(value)
-        )
-        return None if ok else text
-
-    return _Field(default, check)
+class _Namespace(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A part of the settings document: unknown fields are an error (a typo must not be
+    dropped silently)."""
 
 
-_SCHEMA: _Schema = {
-    "connection": {
-        "enabled_connections": {"wifi": _boolean(True), "cellular": _boolean(True)},
-        "upload_network_preference": _distinct_list(list(NETWORKS), NETWORKS),
-        "power_management": {
-            "wifi_idle_timeout_seconds": _integer(180, 0, 86400, "seconds"),
-            "cellular_idle_timeout_seconds": _integer(180, 0, 86400, "seconds"),
-        },
-    },
-    "upload": {
-        "mode": _choice("auto", "mode", UPLOAD_MODES),
-        "streaming_enabled": _boolean(True),
-        "upload_delay_minutes": _integer(5, 0, 1440, "minutes"),
-        "daily_data_limit_mb": _integer(500, 0, 10000, "MB"),
-        "allow_roaming": _boolean(False),
-        "pause_on_low_battery": _boolean(True),
-        "off_peak_hours": {
-            "enabled": _boolean(False),
-            "start": _string("00:00", _HHMM.fullmatch, "Must be a time as HH:MM"),
-            "end": _string("06:00", _HHMM.fullmatch, "Must be a time as HH:MM"),
-            "timezone": _string(
-                "UTC", lambda v: v in _time_zones(), "Must be an IANA time zone name"
-            ),
-        },
-    },
-    "audio": {
-        "codec": _choice("opus", "codec", AUDIO_CODECS),
-        "sample_rate_khz": _int_choice(16, SAMPLE_RATES_KHZ),
-        "bitrate_kbps": _integer(32, 6, 510, "kbps"),
-    },
-    "power": {
-        "auto_sleep_minutes": _integer(30, 0, 1440, "minutes"),
-        "low_battery_threshold_percent": _integer(20, 0, 100, "percent"),
-    },
-}
+class EnabledConnections(_Namespace):
+    wifi: bool = True
+    cellular: bool = True
 
 
-def _default_of(spec: _Field | _Schema) -> Any:
-    if isinstance(spec, _Field):
-        return copy.deepcopy(spec.default)
-    return {key: _default_of(sub) for key, sub in spec.items()}
+class PowerManagement(_Namespace):
+    wifi_idle_timeout_seconds: Seconds = 180
+    cellular_idle_timeout_seconds: Seconds = 180
 
 
-DEFAULTS: Mapping[str, Any] = _default_of(_SCHEMA)
+class Connection(_Namespace):
+    enabled_connections: EnabledConnections = msgspec.field(default_factory=EnabledConnections)
+    upload_network_preference: NetworkPreference = msgspec.field(
+        default_factory=lambda: ["wifi", "ble", "cellular"]
+    )
+    power_management: PowerManagement = msgspec.field(default_factory=PowerManagement)
+
+
+class OffPeakHours(_Namespace):
+    enabled: bool = False
+    start: ClockTime = "00:00"
+    end: ClockTime = "06:00"
+    timezone: TimeZone = "UTC"
+
+
+class Upload(_Namespace):
+    mode: Annotated[UploadMode, _one_of("mode", UPLOAD_MODES)] = "auto"
+    streaming_enabled: bool = True
+    upload_delay_minutes: Minutes = 5
+    daily_data_limit_mb: Annotated[int, _range(0, 10000, "MB")] = 500
+    allow_roaming: bool = False
+    pause_on_low_battery: bool = True
+    off_peak_hours: OffPeakHours = msgspec.field(default_factory=OffPeakHours)
+
+
+class Audio(_Namespace):
+    codec: Annotated[AudioCodec, _one_of("codec", AUDIO_CODECS)] = "opus"
+    sample_rate_khz: Annotated[SampleRate, _one_of("", SAMPLE_RATES_KHZ)] = 16
+    bitrate_kbps: Annotated[int, _range(6, 510, "kbps")] = 32
+
+
+class Power(_Namespace):
+    auto_sleep_minutes: Minutes = 30
+    low_battery_threshold_percent: Annotated[int, _range(0, 100, "percent")] = 20
+
+
+class Settings(_Namespace):
+    """A device's whole settings document; every field has a default."""
+
+    connection: Connection = msgspec.field(default_factory=Connection)
+    upload: Upload = msgspec.field(default_factory=Upload)
+    audio: Audio = msgspec.field(default_factory=Audio)
+    power: Power = msgspec.field(default_factory=Power)
+
+
+class SettingsError(Invalid):
+    """Invalid settings; ``details`` lists every bad field by dotted path."""
+
+
+_NAMESPACES = frozenset(field.name for field in msgspec.structs.fields(Settings))
+_to_document = msgspec.to_builtins
+
+DEFAULTS: Mapping[str, Any] = _to_document(Settings())
 
 
 def defaults() -> dict[str, Any]:
-    """A fresh deep copy of the default settings document."""
-    return dict(_default_of(_SCHEMA))
-
-
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _merge(
-    schema: _Schema,
-    base: Mapping[str, Any],
-    body: Mapping[Any, Any],
-    path: str,
-    errors: list[dict[str, str]],
-) -> dict[str, Any]:
-    """Validate ``body`` against ``schema`` and merge it into ``base``; null means default."""
-    out: dict[str, Any] = {}
-    for key, spec in schema.items():
-        where = _join(path, key)
-        value = body.get(key, _MISSING)
-        if value is _MISSING:
-            out[key] = copy.deepcopy(base[key]) if key in base else _default_of(spec)
-        elif value is None:
-            out[key] = _default_of(spec)
-        elif isinstance(spec, _Field):
-            problem = spec.check(value)
-            if problem is None:
-                out[key] = copy.deepcopy(value)
-            else:
-                errors.append({"field": where, "error": problem})
-        elif isinstance(value, Mapping):
-            out[key] = _merge(spec, base.get(key, {}), value, where, errors)
-        else:
-            errors.append({"field": where, "error": "Must be an object"})
-    for key in body:
-        if key not in schema:
-            errors.append({"field": _join(path, key), "error": "Unknown field"})
-    return out
-
-
-def _apply(base: Mapping[str, Any], body: object) -> dict[str, Any]:
-    errors: list[dict[str, str]] = []
-    if not isinstance(body, Mapping):
-        errors.append({"field": "settings", "error": "Must be an object"})
-        result: dict[str, Any] = {}
-    else:
-        result = _merge(_SCHEMA, base, body, "", errors)
-    if errors:
-        spaces = {detail["field"].split(".")[0] for detail in errors}
-        space = spaces.pop() if len(spaces) == 1 else ""
-        message = f"Invalid {space} settings" if space in _SCHEMA else "Invalid settings"
-        raise SettingsError(message, errors)
-    return result
+    """A fresh copy of the default settings document."""
+    return copy.deepcopy(dict(DEFAULTS))
 
 
 def replace(body: object) -> dict[str, Any]:
     """PUT: validate ``body`` and return the full document; omitted or null fields default."""
-    return _apply({}, body)
+    return _document(_without_nulls(body))
 
 
 def patch(current: Mapping[str, Any], body: object) -> dict[str, Any]:
     """PATCH: merge ``body`` into ``current`` (RFC 7396; null resets to default); pure."""
-    return _apply(current, body)
+    if not isinstance(body, Mapping):
+        return _document(body)
+    return _document(merge_patch_apply(current, body))
+
+
+def _document(body: object) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise SettingsError("Invalid settings",
+                            [{"field": "settings", "error": "Must be an object"}])
+    details = validate(body, Settings)
+    if details:
+        raise SettingsError(_message(details), details)
+    result: dict[str, Any] = _to_document(msgspec.convert(body, Settings))
+    return result
+
+
+def _message(details: list[ErrorDetail]) -> str:
+    """"Invalid upload settings" when every bad field is in one namespace."""
+    spaces = {detail["field"].split(".")[0] for detail in details}
+    space = spaces.pop() if len(spaces) == 1 else ""
+    return f"Invalid {space} settings" if space in _NAMESPACES else "Invalid settings"
+
+
+def _without_nulls(value: object) -> object:
+    """``value`` with every null member of an object removed (a null field takes its default)."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    return value
+
+
+# ---- RFC 7396 merge patches ----------------------------------------------------------------
+
+_MISSING: Any = object()
 
 
 def _same(a: object, b: object) -> bool:
@@ -283,3 +238,4 @@ def merge_patch_apply(target: Any, patch: Any) -> Any:
         if key not in base and value is not None:
             result[key] = merge_patch_apply(None, value)
     return result
+

@@ -1,121 +1,168 @@
-"""The gateway process: opens resources in dependency order and runs the two paths."""
+"""The gateway process: its parts wired together, opened in order, and stopped by draining."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
+from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 
 from gateway import dynsec, metrics
-from gateway.config import Config
+from gateway.config import Config, redact_url
+from gateway.device_replies import DeviceReplies
+from gateway.edge import Edge
 from gateway.errors import StorageUnavailable
-from gateway.ingest import Ingest
-from gateway.mqtt import Edge, Publisher
+from gateway.heartbeat_buffer import HeartbeatBuffer
+from gateway.heartbeat_writer import BatchWriter
+from gateway.ingest import Intake, Rejections
 from gateway.rpc import Requests
 from gateway.storage import Storage
+from gateway.storage.commands import Finished
 
 log = structlog.get_logger("gateway.app")
 
-HEALTH_INTERVAL_SECONDS = 2.0
-RECHECK_SECONDS = 0.5  # the health check's interval while the database is down
-SWEEP_INTERVAL_SECONDS = 5.0
+RESTART_SECONDS = 1.0  # before a background loop that failed unexpectedly runs again
 
 
 class Gateway:
-    """One gateway: storage, the MQTT edge, the heartbeat pipeline and request workers."""
+    """One gateway: the MQTT edge, the heartbeat pipeline, request workers, periodic work."""
 
     def __init__(self, config: Config, storage: Storage) -> None:
         self.config = config
         self.storage = storage
-        self.publisher = Publisher()
+        self.health = storage.db.health
+        self.edge = Edge(config, self.health)
+        publisher = self.edge.publisher
         # Device broker credentials, with Mosquitto's dynamic security plugin only.
-        self.control = dynsec.Control(self.publisher) if config.dynsec else None
+        self.control = dynsec.Control(publisher, self.edge.connected) if config.dynsec else None
         self.access = (
             dynsec.DeviceAccess(config, storage, self.control) if self.control else None
         )
-        self.ingest = Ingest(config, storage, self.publisher, self.access)
-        self.requests = Requests(config, storage, self.publisher, self.access)
-        self.edge = Edge(config, self.publisher, self.ingest.accept, self.requests.accept,
-                         on_control=self.control.accept if self.control else None)
-        if self.control is not None:
-            self.control.connected = self.edge.connected
+        reject = Rejections()
+        self.buffer = HeartbeatBuffer(config.inbox_max)
+        self.intake = Intake(config.topic("devices/"), self.buffer, reject)
+        self.replies = DeviceReplies(config, publisher, reject, self._finished)
+        self.writer = BatchWriter(
+            self.buffer, storage.heartbeats, reject, self.replies.written,
+            batch_max=config.batch_max, batch_wait=config.batch_wait_ms / 1000,
+        )
+        self.requests = Requests(config, storage, publisher, self.access)
+        self.edge.handle(
+            heartbeats=self.intake.accept,
+            requests=self.requests.accept,
+            control=self.control.accept if self.control else None,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then stop intake and drain accepted work."""
+        """Connect, run until ``stop`` is set, then stop intake and drain accepted work."""
         host, port = self.config.metrics_endpoint
-        async with metrics.serve(host, port), asyncio.TaskGroup() as tasks:
-            edge = tasks.create_task(self.edge.run(), name="mqtt-edge")
-            writer = tasks.create_task(self.ingest.run(), name="heartbeat-writer")
-            workers = [
-                tasks.create_task(self.requests.worker(), name=f"request-worker-{n}")
-                for n in range(self.config.request_workers)
-            ]
-            background = [
-                tasks.create_task(self._watch_database(), name="database-health"),
-                tasks.create_task(self._sweep_commands(), name="command-sweep"),
-            ]
-            if self.access is not None:
-                background.append(
-                    tasks.create_task(self.access.run(), name="credential-revocations")
-                )
-            await stop.wait()
-            log.info("gateway.stopping")
-            deadline = time.monotonic() + self.config.drain_seconds
-            # Intake stops first: what the broker delivers from now on is not acknowledged,
-            # so it stays in the persistent session for the next start instead of being
-            # accepted after the drain and lost. Accepted requests and buffered heartbeats
-            # then finish while the edge stays connected, so their replies and the
-            # heartbeats' acks still reach the broker.
-            self.edge.hold_intake()
-            await self.requests.drain(deadline)
-            for task in (*workers, *background):
-                task.cancel()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-            await self.ingest.drain(deadline)
-            await self._flush_outgoing(deadline)
-            # What the drain could not finish by the deadline (all zero normally).
-            log.info("gateway.drained", requests_left=self.requests.in_flight,
-                     heartbeats_left=self.ingest.depth,
-                     publishes_unacknowledged=self.publisher.unacknowledged())
-            edge.cancel()
-        log.info("gateway.stopped")
+        # The broker first: a gateway that cannot reach it fails before serving anything.
+        async with self.edge, metrics.serve(host, port, lambda: self.health.ok):
+            log.info("gateway.ready", broker=redact_url(self.config.mqtt_url),
+                     database=redact_url(self.config.database_url),
+                     metrics=f"http://{host}:{port}/metrics", client_id=self.config.client_id,
+                     share_group=self.config.share_group)
+            async with asyncio.TaskGroup() as tasks:
+                writer = tasks.create_task(self.writer.run(), name="heartbeat-writer")
+                workers = [
+                    tasks.create_task(self.requests.worker(), name=f"request-worker-{n}")
+                    for n in range(self.config.request_workers)
+                ]
+                background = [
+                    tasks.create_task(_supervised(name, loop), name=name)
+                    for name, loop in self._background()
+                ]
+                await stop.wait()
+                log.info("gateway.stopping")
+                await self._drain(writer, [*workers, *background])
 
-    async def _flush_outgoing(self, deadline: float) -> None:
-        while self.publisher.unacknowledged() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls paho's state, which has no event
+    def _background(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("database-health", self._watch_database),
+            ("command-sweep", self._sweep_commands),
+            ("history-prune", self._prune_history),
+        ]
+        if self.access is not None:
+            loops.append(("credential-revocations", self.access.run))
+        return loops
+
+    async def _drain(self, writer: asyncio.Task[None], others: list[asyncio.Task[None]]) -> None:
+        deadline = time.monotonic() + self.config.drain_seconds
+        # Intake stops first: what the broker delivers from now on is not acknowledged,
+        # so it stays in the persistent session for the next start instead of being
+        # accepted after the drain and lost. Accepted requests and buffered heartbeats
+        # then finish while the edge stays connected, so their replies and the
+        # heartbeats' acks still reach the broker.
+        self.edge.hold_intake()
+        await self.requests.drain(deadline)
+        for task in others:
+            task.cancel()
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        await self.writer.drain(deadline)
+        publisher = self.edge.publisher
+        while publisher.unacknowledged() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls paho's state, which has no event
             await asyncio.sleep(0.02)
+        # What the drain could not finish by the deadline (all zero normally).
+        log.info("gateway.drained", requests_left=self.requests.in_flight,
+                 heartbeats_left=self.buffer.depth,
+                 publishes_unacknowledged=publisher.unacknowledged())
 
-    # The background loops log what they did not expect and go on: an error there must not
-    # end the TaskGroup, and with it the gateway.
+    def _finished(self, commands: Iterable[Finished]) -> None:
+        """Commands that reached a terminal state (acks, expiry): a finished factory_reset
+        revokes the device's broker credentials, which it could still use until now."""
+        if self.access is not None:
+            self.access.revoke_later(c.device_id for c in commands if c.type == "factory_reset")
+
+    # ---- periodic work ----------------------------------------------------------------
 
     async def _watch_database(self) -> None:
+        db = self.storage.db
         while True:
-            up = False
-            try:
-                up = await self.storage.ping()
-            except Exception:
-                log.exception("database.ping_failed")
+            up = await db.ping()
             # While the database is down, requests fail fast until a check passes: check
             # more often then, so they are served again soon after it is back.
-            await self.storage.until_failure(HEALTH_INTERVAL_SECONDS if up else RECHECK_SECONDS)
+            await db.until_failure(self.config.health_interval_seconds if up
+                                   else self.config.health_recheck_seconds)
 
     async def _sweep_commands(self) -> None:
+        every = self.config.command_sweep_seconds
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
-            try:
-                expired = await self.storage.expire_commands()
-            except StorageUnavailable:
+            await asyncio.sleep(every)
+            if not await self._claim("command_expiry", every):
                 continue
-            except Exception:
-                log.exception("commands.sweep_failed")
-                continue
+            expired = await self.storage.commands.expire()
             if expired:
                 metrics.COMMANDS_EXPIRED.inc(len(expired))
-                self.ingest.on_acked(expired)
+                self._finished(expired)
+
+    async def _prune_history(self) -> None:
+        every = self.config.history_prune_seconds
+        while True:
+            await asyncio.sleep(every)
+            if await self._claim("settings_history_prune", every):
+                await self.storage.settings.prune_history()
+
+    async def _claim(self, sweep: str, every: float) -> bool:
+        try:
+            return await self.storage.db.claim(sweep, every)
+        except StorageUnavailable:
+            return False
+
+
+async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run a background loop until cancelled; an error it did not expect is logged and the
+    loop runs again, so that it never ends the TaskGroup, and with it the gateway."""
+    while True:
+        try:
+            await loop()
+        except StorageUnavailable as exc:
+            log.warning("background.database_unavailable", loop=name, error=str(exc))
+        except Exception:
+            log.exception("background.failed", loop=name)
+        await asyncio.sleep(RESTART_SECONDS)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
@@ -134,7 +181,5 @@ async def serve(config: Config) -> None:
         min_size=config.db_pool_min,
         max_size=config.db_pool_max,
     ) as storage:
-        await storage.check_schema()
-        gateway = Gateway(config, storage)
-        await gateway.edge.connect_once()
-        await gateway.run(stop)
+        await storage.db.check_schema()
+        await Gateway(config, storage).run(stop)

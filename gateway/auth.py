@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from gateway.storage import Storage
+from gateway.storage.keys import ApiKeys
 
 READ = "devices:read"
 WRITE = "devices:write"
@@ -73,19 +73,19 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
-async def authenticate(storage: Storage, headers: Mapping[str, str]) -> Principal:
+async def authenticate(keys: ApiKeys, headers: Mapping[str, str]) -> Principal:
     key = presented_key(headers)
     if key is None:
         raise AuthenticationFailed("No API key provided")
     key_id = key_id_of(key)
-    row = await storage.get_api_key(key_id) if key_id else None
+    stored = await keys.get(key_id) if key_id else None
     # Hash and compare even when the id is unknown, so timing does not tell ids apart.
-    stored = row["key_hash"] if row is not None else b"\0" * 32
-    if not hmac.compare_digest(hash_key(key), stored) or row is None:
+    expected = stored.key_hash if stored is not None else b"\0" * 32
+    if not hmac.compare_digest(hash_key(key), expected) or stored is None:
         raise AuthenticationFailed("Invalid API key")
-    if row["revoked_at"] is not None:
+    if stored.revoked:
         raise AuthenticationFailed("API key has been revoked")
-    return Principal(key_id=row["id"], scopes=frozenset(row["scopes"]))
+    return Principal(key_id=stored.id, scopes=stored.scopes)
 
 
 def require(principal: Principal, scope: str) -> None:

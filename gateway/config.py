@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from gateway.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value that cannot be used."""
+__all__ = ["Config", "ConfigError", "MqttEndpoint", "from_os", "load", "redact_url"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,6 +91,13 @@ class Config:
     drain_seconds: float = 10.0
     # Per-device broker credentials through Mosquitto's dynamic security plugin.
     dynsec: bool = False
+    # Periodic work, in seconds. Sweeps are claimed in the database, so each runs once per
+    # period whatever the number of gateway processes.
+    health_interval_seconds: float = 2.0
+    health_recheck_seconds: float = 0.5  # while the database is down
+    command_sweep_seconds: float = 5.0
+    revocation_pass_seconds: float = 30.0
+    history_prune_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
         MqttEndpoint.parse(self.mqtt_url)
@@ -118,8 +125,11 @@ class Config:
     @property
     def metrics_endpoint(self) -> tuple[str, int]:
         host, sep, port = self.metrics_addr.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ConfigError(f"metrics address must be HOST:PORT, got {self.metrics_addr!r}")
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+            raise ConfigError(
+                f"metrics address must be HOST:PORT with a port of 0 to 65535, "
+                f"got {self.metrics_addr!r}"
+            )
         return host.strip("[]") or "127.0.0.1", int(port)
 
     def topic(self, name: str) -> str:

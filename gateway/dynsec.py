@@ -17,6 +17,7 @@ and expiry hooks, and by a reconciling pass that retries until the broker confir
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import secrets
@@ -29,19 +30,24 @@ import aiomqtt
 import msgspec
 import structlog
 from gateway_codecs import dynsec as wire
+from gateway_codecs.registry import DeviceTopics
 
 from gateway import metrics
 from gateway.config import Config
-from gateway.errors import Conflict, DynsecRefused, DynsecUnavailable, StorageUnavailable
+from gateway.errors import (
+    Conflict,
+    DynsecRefused,
+    DynsecUnavailable,
+    NotFound,
+    StorageUnavailable,
+)
 from gateway.logs import RateLimitedLog
-from gateway.mqtt import Publisher
+from gateway.publisher import Publisher
 from gateway.storage import Storage
 
 log = structlog.get_logger("gateway.dynsec")
 
 REQUEST_TIMEOUT_SECONDS = 5.0
-# A full pass over pending revocations runs this often even when nothing asks for one.
-RECONCILE_INTERVAL_SECONDS = 30.0
 RETRY_MAX_SECONDS = 30.0
 # Device ids queued for a targeted revocation pass; past this a full pass is run instead.
 DUE_MAX = 10_000
@@ -64,16 +70,21 @@ def hash_password(password: str) -> bytes:
 class Control:
     """The plugin's control API: ``execute`` a batch, get one response per command."""
 
-    def __init__(self, publisher: Publisher, timeout: float = REQUEST_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        connected: asyncio.Event,
+        timeout: float = REQUEST_TIMEOUT_SECONDS,
+    ) -> None:
+        """``connected``: set while the edge is connected and subscribed."""
         self._publisher = publisher
+        self.connected = connected
         self._timeout = timeout
         # Every gateway process sees every response on the topic: ids are per process.
         self._prefix = f"gw-{uuid.uuid4().hex[:12]}-"
         self._ids = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[wire.Response]] = {}
         self._bad_log = RateLimitedLog()
-        # The edge's "connected and subscribed" event, bound by the app.
-        self.connected: asyncio.Event | None = None
 
     def accept(self, message: aiomqtt.Message, received: float) -> None:
         """Called by the edge for each message on the response topic."""
@@ -92,8 +103,7 @@ class Control:
                 future.set_result(response)
 
     async def wait_connected(self) -> None:
-        if self.connected is not None:
-            await self.connected.wait()
+        await self.connected.wait()
 
     async def execute(
         self,
@@ -106,7 +116,7 @@ class Control:
         ``Role already exists``). Fails at once when the edge is not connected, so nothing
         is left queued to change the broker after the caller has given up.
         """
-        if self.connected is None or not self.connected.is_set():
+        if not self.connected.is_set():
             metrics.DYNSEC_ERRORS.labels("unavailable").inc()
             raise DynsecUnavailable("the gateway is not connected to the broker")
         loop = asyncio.get_running_loop()
@@ -151,7 +161,7 @@ class Issued:
     password: str
     created_at: datetime
     rotated: bool
-    topics: dict[str, str]
+    topics: DeviceTopics
 
 
 class DeviceAccess:
@@ -166,21 +176,21 @@ class DeviceAccess:
         self._wakeup = asyncio.Event()
         self._wakeup.set()
 
-    def topics(self, serial: str) -> dict[str, str]:
-        return {
-            name: self._config.topic(f"devices/{serial}/{name}")
-            for name in ("heartbeat", "commands", "settings")
-        }
+    def topics(self, serial: str) -> DeviceTopics:
+        topic = self._config.topic
+        return DeviceTopics(heartbeat=topic(f"devices/{serial}/heartbeat"),
+                            commands=topic(f"devices/{serial}/commands"),
+                            settings=topic(f"devices/{serial}/settings"))
 
     def _acls(self, serial: str) -> list[wire.Acl]:
         topics = self.topics(serial)
         return [
-            wire.Acl(wire.PUBLISH_SEND, topics["heartbeat"]),
-            wire.Acl(wire.SUBSCRIBE_LITERAL, topics["commands"]),
-            wire.Acl(wire.SUBSCRIBE_LITERAL, topics["settings"]),
+            wire.Acl(wire.PUBLISH_SEND, topics.heartbeat),
+            wire.Acl(wire.SUBSCRIBE_LITERAL, topics.commands),
+            wire.Acl(wire.SUBSCRIBE_LITERAL, topics.settings),
             # Explicit, in case the broker's default for receiving was set to deny.
-            wire.Acl(wire.PUBLISH_RECEIVE, topics["commands"]),
-            wire.Acl(wire.PUBLISH_RECEIVE, topics["settings"]),
+            wire.Acl(wire.PUBLISH_RECEIVE, topics.commands),
+            wire.Acl(wire.PUBLISH_RECEIVE, topics.settings),
         ]
 
     # ---- issue and rotate ------------------------------------------------------------
@@ -188,12 +198,16 @@ class DeviceAccess:
     async def issue(self, device_id: str) -> Issued:
         """New credentials for a live device; the password exists only in the result.
 
-        Raises NotFound, Conflict (the broker has a client of that name the gateway did
-        not create), DynsecUnavailable, DynsecRefused, StorageUnavailable.
+        The device's credentials are leased (no transaction stays open while the broker
+        answers), changed at the broker, then confirmed. Raises NotFound, Conflict (the
+        broker has a client of that name the gateway did not create, or another change
+        of these credentials is in progress), DynsecUnavailable, DynsecRefused,
+        StorageUnavailable.
         """
         password = secrets.token_urlsafe(24)
-
-        async def apply(serial: str) -> None:
+        reservation = await self._storage.credentials.reserve_issue(device_id, _lease())
+        serial = reservation.serial
+        try:
             client = await self._control.get_client(serial)
             if client is not None and client.textname != MANAGED_TEXTNAME:
                 raise Conflict(
@@ -218,14 +232,21 @@ class DeviceAccess:
                     wire.Command(command="setClientPassword", username=serial, password=password)
                 )
             await self._control.execute(commands, tolerate={("createRole", "Role already exists")})
-
-        row = await self._storage.issue_device_credentials(
-            device_id, hash_password(password), apply
-        )
-        serial = row["serial_number"]
+        except BaseException:
+            with contextlib.suppress(StorageUnavailable):
+                await self._storage.credentials.release(reservation)
+            raise
+        try:
+            confirmed = await self._storage.credentials.confirm_issue(
+                reservation, hash_password(password)
+            )
+        except NotFound:
+            # Deleted while the broker was being changed: the new account is revoked.
+            self.revoke_later((device_id,))
+            raise
         metrics.DEVICE_CREDENTIALS_ISSUED.inc()
-        log.info("dynsec.credentials_issued", device_id=device_id, rotated=row["rotated"])
-        return Issued(device_id, serial, password, row["created_at"], row["rotated"],
+        log.info("dynsec.credentials_issued", device_id=device_id, rotated=confirmed.rotated)
+        return Issued(device_id, serial, password, confirmed.created_at, confirmed.rotated,
                       self.topics(serial))
 
     # ---- revoke ----------------------------------------------------------------------
@@ -252,11 +273,17 @@ class DeviceAccess:
             self._wakeup.set()
 
     async def run(self) -> None:
-        """Apply due revocations until cancelled: when asked, and on a timer."""
+        """Apply due revocations until cancelled: when asked, and on a timer.
+
+        The timer's full pass is claimed (see ``Database.claim``), so one process runs it
+        per period whatever the number of processes; passes asked for by this process's
+        acks, expiries and deletes always run.
+        """
+        every = self._config.revocation_pass_seconds
         delay = 1.0
         while True:
             try:
-                async with asyncio.timeout(RECONCILE_INTERVAL_SECONDS):
+                async with asyncio.timeout(every):
                     await self._wakeup.wait()
             except TimeoutError:
                 self._full_pass = True
@@ -265,6 +292,8 @@ class DeviceAccess:
             full, due = self._full_pass, self._due
             self._full_pass, self._due = False, set()
             metrics.REVOCATIONS_QUEUED.set(0)
+            if full and not await self._claimed(every):
+                full = False
             if not full and not due:
                 continue
             if await self._pass(None if full else sorted(due)):
@@ -275,10 +304,16 @@ class DeviceAccess:
             delay = min(delay * 2, RETRY_MAX_SECONDS)
             self._wakeup.set()
 
+    async def _claimed(self, every: float) -> bool:
+        try:
+            return await self._storage.db.claim("credential_revocations", every)
+        except StorageUnavailable:
+            return True  # the pass itself will find the database away and retry
+
     async def _pass(self, device_ids: list[str] | None) -> bool:
         """One pass; False when something must be retried."""
         try:
-            pending = await self._storage.due_credential_revocations(device_ids)
+            pending = await self._storage.credentials.due_revocations(device_ids)
         except StorageUnavailable as exc:
             log.warning("dynsec.revocations_deferred", error=str(exc))
             return False
@@ -292,14 +327,26 @@ class DeviceAccess:
         return ok
 
     async def _revoke(self, device_id: str) -> None:
-        async def apply(serial: str) -> None:
+        reservation = await self._storage.credentials.claim_revocation(device_id, _lease())
+        if reservation is None:
+            return  # applied already, or another process is at it
+        serial = reservation.serial
+        try:
             client = await self._control.get_client(serial)
             commands = [wire.Command(command="deleteRole", rolename=ROLE_PREFIX + serial)]
             if client is not None and client.textname == MANAGED_TEXTNAME:
                 # Deleting the client disconnects every session logged in as it.
                 commands.insert(0, wire.Command(command="deleteClient", username=serial))
             await self._control.execute(commands, tolerate={("deleteRole", "Role not found")})
+        except BaseException:
+            with contextlib.suppress(StorageUnavailable):
+                await self._storage.credentials.release(reservation)
+            raise
+        await self._storage.credentials.confirm_revocation(reservation)
+        metrics.DEVICE_CREDENTIALS_REVOKED.inc()
+        log.info("dynsec.credentials_revoked", device_id=device_id)
 
-        if await self._storage.apply_credentials_revocation(device_id, apply):
-            metrics.DEVICE_CREDENTIALS_REVOKED.inc()
-            log.info("dynsec.credentials_revoked", device_id=device_id)
+
+def _lease() -> str:
+    """A lease holder's name: this process and call."""
+    return uuid.uuid4().hex

@@ -1,16 +1,44 @@
-"""The gateway's exceptions. API errors carry the contract's status, type and details."""
+"""Every exception the gateway raises on purpose.
+
+``ApiError`` and its subclasses are answered to request/reply callers with their status,
+type and details; the rest are internal and translated at the boundary that meets them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from gateway_codecs.registry import Error, ErrorBody
+from gateway_codecs.validation import ErrorDetail
+from msgspec import UNSET
 
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
 
 
+class ConfigError(GatewayError, ValueError):
+    """A configuration value that cannot be used."""
+
+
+# ---- storage ------------------------------------------------------------------------------
+
+
 class StorageUnavailable(GatewayError):
     """PostgreSQL cannot be reached or did not answer in time."""
+
+
+class SchemaMissing(StorageUnavailable):
+    """The database exists but ``schema.sql`` was not applied."""
+
+
+class BatchFailed(GatewayError):
+    """PostgreSQL refused a heartbeat batch; ``retryable`` for deadlocks and the like."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+# ---- the broker's dynamic security plugin -------------------------------------------------
 
 
 class DynsecUnavailable(GatewayError):
@@ -26,22 +54,23 @@ class DynsecRefused(GatewayError):
         self.error = error
 
 
+# ---- answered to callers ------------------------------------------------------------------
+
+
 class ApiError(GatewayError):
-    """An error answered to a request/reply caller in the Bota error shape."""
+    """An error answered to a request/reply caller in the registry's error shape."""
 
     status = 500
     type = "internal_error"
 
-    def __init__(self, message: str, details: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, message: str, details: list[ErrorDetail] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
 
-    def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"type": self.type, "message": self.message}
-        if self.details is not None:
-            error["details"] = self.details
-        return {"error": error}
+    def body(self) -> ErrorBody:
+        details = UNSET if self.details is None else self.details
+        return ErrorBody(Error(type=self.type, message=self.message, details=details))
 
 
 class InvalidRequest(ApiError):
@@ -82,3 +111,11 @@ class InternalError(ApiError):
 
 class Unavailable(ApiError):
     status, type = 503, "unavailable"
+
+
+class TelemetronError(ApiError):
+    """An error on the Telemetron route, answered in that route's own shape."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

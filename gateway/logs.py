@@ -1,12 +1,23 @@
-"""structlog configuration, done once at the entry point."""
+"""structlog configuration, done once at the entry point, and a rate limiter for log lines.
+
+The libraries' own log records (aiomqtt and paho under ``mqtt``, asyncpg) go through the
+same renderer, so every line on stderr is one JSON object (or one console line).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from typing import TextIO
 
 import structlog
+
+_SHARED: list[structlog.types.Processor] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
 
 
 def configure(log_format: str = "json", level: str = "info") -> None:
@@ -15,20 +26,22 @@ def configure(log_format: str = "json", level: str = "info") -> None:
         if log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        processors=[*_SHARED, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=_StderrLoggerFactory(),
         cache_logger_on_first_use=True,
     )
+    handler = _StderrHandler()
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*_SHARED, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
 
 
 class _StderrLogger:
@@ -43,6 +56,18 @@ class _StderrLogger:
 class _StderrLoggerFactory:
     def __call__(self, *args: object) -> _StderrLogger:
         return _StderrLogger()
+
+
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """A stdlib handler that writes to the current ``sys.stderr``."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
 
 
 class RateLimitedLog:

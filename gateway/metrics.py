@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 
-import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-
-log = structlog.get_logger("gateway.metrics")
 
 HEARTBEATS_RECEIVED = Counter(
     "gateway_heartbeats_received_total", "Heartbeat messages received from the broker."
@@ -42,7 +40,10 @@ BATCH_SIZE = Histogram(
     "Heartbeats per database batch.",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
 )
-INBOX_DEPTH = Gauge("gateway_inbox_depth", "Messages received and not yet processed.")
+INBOX_DEPTH = Gauge(
+    "gateway_inbox_depth",
+    "Heartbeats buffered and not yet written (the batch in hand not included).",
+)
 COMMANDS_DELIVERED = Counter(
     "gateway_commands_delivered_total", "Commands published to devices (each delivery)."
 )
@@ -94,11 +95,9 @@ REVOCATIONS_QUEUED = Gauge(
 )
 
 
-def healthy() -> bool:
-    return bool(MQTT_CONNECTED._value.get()) and bool(DATABASE_CONNECTED._value.get())
-
-
-async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _handle(
+    healthy: Callable[[], bool], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         request_line = await asyncio.wait_for(reader.readline(), timeout=5)
         while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
@@ -127,10 +126,9 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 @contextlib.asynccontextmanager
-async def serve(host: str, port: int) -> AsyncIterator[asyncio.Server]:
-    """Serve /metrics and /healthz until the context exits."""
-    server = await asyncio.start_server(_handle, host, port)
-    log.info("metrics.listening", host=host, port=port)
+async def serve(host: str, port: int, healthy: Callable[[], bool]) -> AsyncIterator[asyncio.Server]:
+    """Serve /metrics, and /healthz (200 while ``healthy()``), until the context exits."""
+    server = await asyncio.start_server(functools.partial(_handle, healthy), host, port)
     try:
         yield server
     finally:

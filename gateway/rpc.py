@@ -14,27 +14,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+import msgspec
 import structlog
 from gateway_codecs import api as wire
+from gateway_codecs.registry import TelemetronResult
 
-from gateway import auth, metrics, routes
+from gateway import auth, metrics
 from gateway.config import Config
 from gateway.dynsec import DeviceAccess
+from gateway.edge import REPLY_SCAN_BYTES, message_properties
 from gateway.errors import (
     ApiError,
     InternalError,
     InvalidRequest,
     StorageUnavailable,
+    TelemetronError,
     Unavailable,
 )
-from gateway.mqtt import Publisher, message_properties, reply_properties
+from gateway.logs import RateLimitedLog
+from gateway.publisher import Publisher, correlation_properties
+from gateway.routes import ROUTER, TELEMETRON_PREFIX, Context, decode_input
 from gateway.storage import Storage
 
 log = structlog.get_logger("gateway.rpc")
-
-# An envelope over MAX_REQUEST_BYTES is still read up to this size for its reply topic, so
-# that an MQTT 3.1.1 caller gets its 400 instead of silence; larger ones are dropped.
-REPLY_SCAN_BYTES = 16 * wire.MAX_REQUEST_BYTES
 
 
 @dataclass(slots=True)
@@ -62,6 +64,7 @@ class Requests:
         self._reply_prefix = config.topic(wire.REPLY_PREFIX)
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(config.request_queue_max)
         self._busy = 0
+        self._dropped_log = RateLimitedLog()
 
     @property
     def in_flight(self) -> int:
@@ -76,7 +79,7 @@ class Requests:
         try:
             self._queue.put_nowait(incoming)
         except asyncio.QueueFull:
-            metrics.REQUESTS_DROPPED.labels("overflow").inc()
+            self._dropped("overflow", "the request queue is full")
 
     async def worker(self) -> None:
         while True:
@@ -108,6 +111,13 @@ class Requests:
             and not any(c in topic for c in "+#\x00")
         )
 
+    def _dropped(self, reason: str, why: str, **fields: Any) -> None:
+        metrics.REQUESTS_DROPPED.labels(reason).inc()
+        allowed, suppressed = self._dropped_log.allow()
+        if allowed:
+            log.warning("request.dropped", reason=reason, why=why, suppressed=suppressed,
+                        **fields)
+
     async def handle(self, incoming: Incoming) -> None:
         document: Any = None
         correlation: str | int | None = None
@@ -121,11 +131,14 @@ class Requests:
             except UnicodeDecodeError:
                 correlation = None
         if reply_to is None:
-            metrics.REQUESTS_DROPPED.labels("no_reply_topic").inc()
+            why = ("no Response Topic property and no readable reply_to in the envelope"
+                   if document is not None or len(incoming.payload) <= REPLY_SCAN_BYTES
+                   else f"the envelope exceeds {REPLY_SCAN_BYTES // 1024} KiB")
+            self._dropped("no_reply_topic", why, size=len(incoming.payload))
             return
         if not self._valid_reply_topic(reply_to):
-            metrics.REQUESTS_DROPPED.labels("bad_reply_topic").inc()
-            log.warning("request.bad_reply_topic", reply_to=reply_to[:200])
+            self._dropped("bad_reply_topic", f"reply topics start with {self._reply_prefix}",
+                          reply_to=reply_to[:200])
             return
 
         started = time.perf_counter()
@@ -137,18 +150,18 @@ class Requests:
                     f"The request exceeds {wire.MAX_REQUEST_BYTES // 1024} KiB"
                 )
             request = _parse(document)
-            route = routes.route_template(request.method, request.path)
+            route = ROUTER.template(request.method, request.path)
             structlog.contextvars.bind_contextvars(method=request.method, route=route)
             status, body = await self._dispatch(request)
         except ApiError as exc:
             status, body = exc.status, _error_body(exc, document)
         except StorageUnavailable:
-            exc_503 = Unavailable("The database is unavailable; retry later")
-            status, body = exc_503.status, _error_body(exc_503, document)
+            unavailable = Unavailable("The database is unavailable; retry later")
+            status, body = unavailable.status, _error_body(unavailable, document)
         except Exception:
             log.exception("request.failed")
-            exc_500 = InternalError("Internal error")
-            status, body = exc_500.status, _error_body(exc_500, document)
+            internal = InternalError("Internal error")
+            status, body = internal.status, _error_body(internal, document)
         finally:
             structlog.contextvars.clear_contextvars()
         elapsed = time.perf_counter() - started
@@ -157,21 +170,15 @@ class Requests:
         if status >= 500:
             log.warning("request.answered", route=route, status=status)
         payload = wire.encode_response(wire.Response(status, body, correlation))
-        self._publisher.publish(reply_to, payload, reply_properties(incoming.correlation_data))
+        properties = correlation_properties(incoming.correlation_data)
+        self._publisher.publish(reply_to, payload, properties)
 
-    async def _dispatch(self, request: wire.Request) -> tuple[int, Any]:
-        telemetron = request.path.startswith(routes.TELEMETRON_PREFIX)
-        try:
-            principal = await auth.authenticate(self._storage, request.headers)
-            route, params = routes.match(request.method, request.path)
-            auth.require(principal, route.scope)
-            return await route.handler(routes.Context(self._storage, request, params, self._access))
-        except routes.TelemetronError as exc:
-            return exc.status, {"success": False, "message": exc.message}
-        except ApiError as exc:
-            if telemetron:
-                return exc.status, {"success": False, "message": exc.message}
-            raise
+    async def _dispatch(self, request: wire.Request) -> tuple[int, msgspec.Struct]:
+        principal = await auth.authenticate(self._storage.keys, request.headers)
+        route, params = ROUTER.match(request.method, request.path)
+        auth.require(principal, route.scope)
+        body = decode_input(route, request)
+        return await route.handler(Context(self._storage, request, params, self._access), body)
 
 
 def _parse(document: Any) -> wire.Request:
@@ -183,8 +190,11 @@ def _parse(document: Any) -> wire.Request:
         raise InvalidRequest(str(exc)) from exc
 
 
-def _error_body(exc: ApiError, document: Any) -> dict[str, Any]:
+def _error_body(exc: ApiError, document: Any) -> msgspec.Struct:
+    """The error in the registry's shape, or in the Telemetron route's own."""
     path = document.get("path") if isinstance(document, dict) else None
-    if isinstance(path, str) and path.startswith(routes.TELEMETRON_PREFIX):
-        return {"success": False, "message": exc.message}
+    if isinstance(exc, TelemetronError) or (
+        isinstance(path, str) and path.startswith(TELEMETRON_PREFIX)
+    ):
+        return TelemetronResult(success=False, message=exc.message)
     return exc.body()

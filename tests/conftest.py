@@ -137,7 +137,7 @@ async def create_key(database_url: str, *scopes: str) -> tuple[str, str]:
     """(key id, secret) for a new API key with ``scopes``."""
     key = auth.new_key()
     async with Storage.open(database_url, min_size=1, max_size=1) as storage:
-        await storage.create_api_key(key.key_id, "test", key.key_hash, scopes)
+        await storage.keys.create(key.key_id, "test", key.key_hash, scopes)
     return key.key_id, key.secret
 
 

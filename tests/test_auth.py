@@ -137,7 +137,7 @@ async def test_revoked_key_is_401_on_the_next_request(
     async with caller(topic_prefix, secret) as user:
         assert (await user.call("GET", "/v1/devices"))[0] == 200
         async with Storage.open(database_url, min_size=1, max_size=1) as storage:
-            assert await storage.revoke_api_key(key_id) is True
+            assert await storage.keys.revoke(key_id) is not None
         assert_error(await user.call("GET", "/v1/devices"), 401, "authentication_error")
         assert_error(await user.call("POST", "/v1/devices", {"serial_number": "SN-R"}), 401,
                      "authentication_error")

@@ -136,7 +136,7 @@ async def test_apikey_create_prints_a_working_key_alone_on_the_last_line(
     key = stdout.rstrip("\n").splitlines()[-1]
     assert KEY_LINE.match(key), stdout
     async with Storage.open(database_url, min_size=1, max_size=1) as storage:
-        principal = await auth.authenticate(storage, {"x-api-key": key})
+        principal = await auth.authenticate(storage.keys, {"x-api-key": key})
     assert principal.scopes == frozenset({"devices:read"})
 
 
@@ -187,7 +187,7 @@ async def test_apikey_revoke_marks_the_key_revoked_and_it_stops_working(
     assert re.match(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d", revoked), listing
     async with Storage.open(database_url, min_size=1, max_size=1) as storage:
         with pytest.raises(AuthenticationFailed):
-            await auth.authenticate(storage, {"x-api-key": key})
+            await auth.authenticate(storage.keys, {"x-api-key": key})
     assert unknown_code != 0
     assert "key_doesnotexist" in unknown_stderr and "Traceback" not in unknown_stderr
 

@@ -15,12 +15,11 @@ from typing import Any
 import asyncpg
 from conftest import Caller, Device, wait_for
 from gateway_codecs import device as device_wire
-from gateway_codecs import settings as settings_schema
 from sync_support import command_row, metric, now_ms, register, sim_device
 
-from gateway import ingest
+from gateway import heartbeat_writer
 from gateway.app import Gateway
-from gateway.ingest import Pending
+from gateway.heartbeat_buffer import Pending
 from gateway.routes import new_id
 from gateway.storage import Storage
 
@@ -218,7 +217,7 @@ async def test_fifty_open_commands_fill_the_quota(api: Caller, gateway: Gateway)
     dev = await register(api, "SN-CMD-QUOTA")
     made = [await create(api, dev["id"], idempotency_key=f"q{n}") for n in range(2)]
     for n in range(2, 50):  # the rest straight into storage, to keep the test short
-        await gateway.storage.create_command(dev["id"], new_id("cmd_"), "reboot", {},
+        await gateway.storage.commands.create(dev["id"], new_id("cmd_"), "reboot", {},
                                              dt.timedelta(days=1), f"q{n}")
     status, body = await api.call("POST", f"/v1/devices/{dev['id']}/commands",
                                   {"type": "reboot"})
@@ -472,8 +471,8 @@ async def test_sweep_persists_expiry(gateway: Gateway, api: Caller,
     command = await create(api, dev["id"], ttl_seconds=1)
     keep = await create(api, dev["id"])
     await asyncio.sleep(1.1)
-    expired = await gateway.storage.expire_commands()
-    assert [row["id"] for row in expired] == [command["id"]]
+    expired = await gateway.storage.commands.expire()
+    assert [row.id for row in expired] == [command["id"]]
     stored = await command_row(db, command["id"])
     assert stored["status"] == "expired"
     assert stored["completed_at"] == stored["expires_at"]
@@ -538,9 +537,8 @@ async def test_two_heartbeats_of_one_device_in_one_batch_deliver_its_commands_on
     in two rounds of one batch; its open command goes out with the later one only, so
     `attempts` counts the one delivery that was published."""
     async with Storage.open(database_url, min_size=1, max_size=2) as storage:
-        await storage.register_device("dev_twice", "SN-TWICE", None, None, None,
-                                      settings_schema.defaults())
-        await storage.create_command("dev_twice", "cmd_twice", "locate", {},
+        await storage.devices.register("dev_twice", "SN-TWICE", None, None, None)
+        await storage.commands.create("dev_twice", "cmd_twice", "locate", {},
                                      dt.timedelta(hours=1), None)
         ts = now_ms()
         # The later heartbeat lacks the battery the earlier one carries: two entries.
@@ -548,11 +546,11 @@ async def test_two_heartbeats_of_one_device_in_one_batch_deliver_its_commands_on
             Pending(device_wire.Heartbeat(ts=ts, battery_percent=40), time.time()),
             Pending(device_wire.Heartbeat(ts=ts + 1000, signal_strength_dbm=-60), time.time()),
         ]}
-        rounds = ingest._rounds(batch)
+        rounds = heartbeat_writer.rounds(batch)
         assert len(rounds) == 2
-        outcomes, _ = await storage.apply_heartbeats(rounds, None)
-    assert [row["applied"] for row in outcomes] == [True, True]
-    assert [row["command_count"] for row in outcomes] == [None, 1]
+        outcomes, _ = await storage.heartbeats.apply(rounds, None)
+    assert [outcome.applied for outcome in outcomes] == [True, True]
+    assert [len(outcome.commands) for outcome in outcomes] == [0, 1]
     command = await db.fetchrow("SELECT status, attempts FROM commands WHERE id = 'cmd_twice'")
     assert (command["status"], command["attempts"]) == ("delivered", 1)
     device = await db.fetchrow(

@@ -27,7 +27,7 @@ from conftest import Caller, Device, create_key, free_port, running_gateway, wai
 from dynsec_broker import DynsecBroker, available, dynsec_broker
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway import app, auth, cli
+from gateway import auth, cli
 from gateway.app import Gateway
 from gateway.config import Config
 from gateway.errors import AuthenticationFailed
@@ -61,6 +61,7 @@ def gateway_config(broker: DynsecBroker, database_url: str, *, dynsec: bool) -> 
         batch_wait_ms=2,
         drain_seconds=5,
         dynsec=dynsec,
+        command_sweep_seconds=0.2,  # expiries found within 0.2 s
     )
 
 
@@ -373,13 +374,8 @@ async def test_reset_device_keeps_access_until_it_acknowledges_the_factory_reset
         assert not session.reader.done()
 
 
-@pytest.fixture
-def fast_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(app, "SWEEP_INTERVAL_SECONDS", 0.2)
-
-
 async def test_factory_reset_that_expires_unacknowledged_revokes_the_credentials(
-    fast_sweep: None, api: Caller, broker: DynsecBroker
+    api: Caller, broker: DynsecBroker
 ) -> None:
     """A factory_reset the device never acknowledges revokes its access when it expires."""
     device_id, serial, password = await provision(api)
@@ -451,11 +447,11 @@ async def test_api_keys_are_compared_in_constant_time(
     wrong = secret[:-4] + ("aaaa" if not secret.endswith("aaaa") else "bbbb")
     unknown = auth.KEY_PREFIX + "nosuchkeyid0_" + "x" * 32
     async with Storage.open(database_url, min_size=1, max_size=1) as storage:
-        principal = await auth.authenticate(storage, {"authorization": f"Bearer {secret}"})
+        principal = await auth.authenticate(storage.keys, {"authorization": f"Bearer {secret}"})
         assert principal.key_id == key_id
         for presented in (wrong, unknown):
             with pytest.raises(AuthenticationFailed):
-                await auth.authenticate(storage, {"x-api-key": presented})
+                await auth.authenticate(storage.keys, {"x-api-key": presented})
     assert [presented for presented, _ in compared] == [
         auth.hash_key(secret), auth.hash_key(wrong), auth.hash_key(unknown)
     ]

@@ -44,7 +44,8 @@ from processes import (
 from gateway import auth, metrics
 from gateway.app import Gateway
 from gateway.config import Config
-from gateway.storage import HeartbeatColumns, Storage, migrate
+from gateway.storage import Storage, migrate
+from gateway.storage.heartbeats import HeartbeatColumns
 
 DEVICES = int(os.environ.get("GATEWAY_FAULT_DEVICES", "1000"))
 INTERVAL = float(os.environ.get("GATEWAY_FAULT_INTERVAL", "1.0"))  # seconds between heartbeats
@@ -628,9 +629,8 @@ async def test_cancel_racing_a_heartbeat_never_redelivers(database_url: str,
     batch must neither overwrite ``canceled`` with ``delivered`` nor send the command
     (terminal states never change; nothing is delivered after its terminal state)."""
     async with Storage.open(database_url, min_size=1, max_size=2) as storage:
-        await storage.register_device("dev_race", "SN-RACE", None, None, None,
-                                      settings_schema.defaults())
-        await storage.create_command("dev_race", "cmd_race", "locate", {},
+        await storage.devices.register("dev_race", "SN-RACE", None, None, None)
+        await storage.commands.create("dev_race", "cmd_race", "locate", {},
                                      dt.timedelta(hours=1), None)
         canceller = await asyncpg.connect(database_url)
         try:
@@ -640,11 +640,12 @@ async def test_cancel_racing_a_heartbeat_never_redelivers(database_url: str,
                                     " completed_at = now() WHERE id = 'cmd_race'")
             values: dict[str, list[Any]] = {
                 f.name: [None] for f in dataclasses.fields(HeartbeatColumns)}
-            values |= {"serials": ["SN-RACE"], "ts": [time.time_ns() // 1_000_000]}
+            values |= {"serials": ["SN-RACE"], "ts": [time.time_ns() // 1_000_000],
+                       "deliver": [True]}
             if "received" in values:
                 values["received"] = [time.time()]
             batch = asyncio.create_task(
-                storage.apply_heartbeats([HeartbeatColumns(**values)], None))
+                storage.heartbeats.apply([HeartbeatColumns(**values)], None))
             await asyncio.sleep(0.5)
             assert not batch.done(), "the batch did not wait for the row lock"
             await cancel.commit()
@@ -653,7 +654,7 @@ async def test_cancel_racing_a_heartbeat_never_redelivers(database_url: str,
             await canceller.close()
     command = await db.fetchrow("SELECT status, attempts FROM commands WHERE id = 'cmd_race'")
     assert (command["status"], command["attempts"]) == ("canceled", 0)
-    assert outcomes[0]["commands"] is None
+    assert outcomes[0].commands == []
 
 
 # ---- 4. graceful shutdown -----------------------------------------------------------------
@@ -760,7 +761,7 @@ async def test_shutdown_ends_while_the_broker_hangs(config: Config) -> None:
             broker.proc.send_signal(signal.SIGSTOP)
             # 64 MiB: more than the socket buffers between the two can take.
             for _ in range(64):
-                gateway.publisher.publish(cfg.topic("api/v1/replies/hung"), b"x" * 2**20)
+                gateway.edge.publisher.publish(cfg.topic("api/v1/replies/hung"), b"x" * 2**20)
             await asyncio.sleep(1)
             stopped_at = time.monotonic()
             stop.set()
@@ -769,7 +770,7 @@ async def test_shutdown_ends_while_the_broker_hangs(config: Config) -> None:
             if run not in done:
                 run.cancel()
             report("shutdown_hung_broker", stopped=run in done, stop_s=round(took, 2),
-                   publishes_unacknowledged=gateway.publisher.unacknowledged())
+                   publishes_unacknowledged=gateway.edge.publisher.unacknowledged())
             assert run in done, "the gateway kept reconnecting to the hung broker"
             run.result()
             # The client is usable again (aiomqtt left its lock held after that error).
@@ -915,7 +916,7 @@ async def test_database_outage_answers_503_at_once_bounds_memory_and_catches_up(
             while time.monotonic() - stopped_at < DB_OUTAGE:
                 if depth_coalesced is None and time.monotonic() - stopped_at > 1.5 * INTERVAL:
                     # Every device has heartbeated a few times by now, the replayer hundreds.
-                    depth_coalesced = gw.ingest.depth
+                    depth_coalesced = gw.buffer.depth
                     late_fleet.start()
                 for method, path, body in (
                     ("GET", f"/v1/devices/{device_id}", None),
@@ -924,7 +925,7 @@ async def test_database_outage_answers_503_at_once_bounds_memory_and_catches_up(
                     sent = time.monotonic()
                     result = await caller.call(method, path, body, within=10)
                     answers.append((time.monotonic() - sent, *(result or (None, None))))
-                depths.append(gw.ingest.depth)
+                depths.append(gw.buffer.depth)
                 await asyncio.sleep(0.25)
             replaying = False
             await asyncio.wait_for(replayer, 5)

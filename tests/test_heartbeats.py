@@ -18,7 +18,6 @@ import asyncpg
 import msgspec
 import pytest
 from conftest import MQTT_HOST, MQTT_PORT, Caller, wait_for
-from gateway_codecs import settings as settings_schema
 from gateway_codecs.device import Heartbeat, RecordingState
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,7 +37,7 @@ from sync_support import (
 )
 
 from gateway.app import Gateway
-from gateway.ingest import Pending
+from gateway.heartbeat_buffer import Pending
 from gateway.routes import new_id
 
 FULL: dict[str, Any] = {
@@ -113,11 +112,10 @@ async def test_last_heartbeat_at_is_when_the_gateway_received_it(
     gateway: Gateway, db: asyncpg.Connection
 ) -> None:
     """last_heartbeat_at is the receive time even when the write happens later."""
-    await gateway.storage.register_device(new_id("dev_"), "SN-HB-RECV", None, None, None,
-                                          settings_schema.defaults())
+    await gateway.storage.devices.register(new_id("dev_"), "SN-HB-RECV", None, None, None)
     received = time.time() - 30  # e.g. held in the buffer through a database outage
     ts = now_ms()
-    gateway.ingest.add("SN-HB-RECV", Pending(Heartbeat(ts=ts, battery_percent=3), received))
+    gateway.buffer.add("SN-HB-RECV", Pending(Heartbeat(ts=ts, battery_percent=3), received))
     row = await applied(db, "SN-HB-RECV", ts)
     assert abs(row["last_heartbeat_at"].timestamp() - received) < 0.01
 
@@ -251,13 +249,12 @@ async def test_late_heartbeat_in_the_same_batch_does_not_overwrite(
     gateway: Gateway, db: asyncpg.Connection
 ) -> None:
     """Newer then older in one batch: the older one is stale, as if they came one by one."""
-    await gateway.storage.register_device(new_id("dev_"), "SN-HB-LATE", None, None, None,
-                                          settings_schema.defaults())
+    await gateway.storage.devices.register(new_id("dev_"), "SN-HB-LATE", None, None, None)
     ts = now_ms()
     received = time.time()
     # Both are buffered before the writer runs: one batch, two heartbeats of one device.
-    gateway.ingest.add("SN-HB-LATE", Pending(Heartbeat(ts=ts, battery_percent=90), received))
-    gateway.ingest.add("SN-HB-LATE", Pending(
+    gateway.buffer.add("SN-HB-LATE", Pending(Heartbeat(ts=ts, battery_percent=90), received))
+    gateway.buffer.add("SN-HB-LATE", Pending(
         Heartbeat(ts=ts - 1000, battery_percent=10, firmware_version="old",
                   signal_strength_dbm=-120, settings_version=3),
         received,
@@ -276,13 +273,12 @@ async def test_superseded_heartbeat_still_records_its_settings_version(
     gateway: Gateway, db: asyncpg.Connection
 ) -> None:
     """Two heartbeats in one batch: the older one's settings_version is not lost."""
-    await gateway.storage.register_device(new_id("dev_"), "SN-HB-SV", None, None, None,
-                                          settings_schema.defaults())
+    await gateway.storage.devices.register(new_id("dev_"), "SN-HB-SV", None, None, None)
     ts = now_ms()
     received = time.time()
-    gateway.ingest.add("SN-HB-SV", Pending(Heartbeat(ts=ts, battery_percent=5,
+    gateway.buffer.add("SN-HB-SV", Pending(Heartbeat(ts=ts, battery_percent=5,
                                                      settings_version=1), received))
-    gateway.ingest.add("SN-HB-SV", Pending(Heartbeat(ts=ts + 1, battery_percent=6), received))
+    gateway.buffer.add("SN-HB-SV", Pending(Heartbeat(ts=ts + 1, battery_percent=6), received))
     await applied(db, "SN-HB-SV", ts + 1)
     row = await device_row(db, "SN-HB-SV")
     assert row is not None
@@ -477,15 +473,14 @@ async def test_any_interleaving_of_heartbeats_leaves_the_sequential_state(
     serial = f"SN-PROP-{uuid.uuid4().hex[:8]}"
     sentinel = f"SN-SENT-{uuid.uuid4().hex[:8]}"
     for name in (serial, sentinel):
-        await gateway.storage.register_device(new_id("dev_"), name, None, None, None,
-                                              settings_schema.defaults())
+        await gateway.storage.devices.register(new_id("dev_"), name, None, None, None)
     base = now_ms() - 100_000
     for doc, pause in sequence:
-        gateway.ingest.add(serial, Pending(to_heartbeat(doc, base), time.time()))
+        gateway.buffer.add(serial, Pending(to_heartbeat(doc, base), time.time()))
         if pause:
             await asyncio.sleep(0.004)  # longer than the batch wait: the writer takes a batch
     # One writer, batches in order: once a later heartbeat is committed, so is the rest.
-    gateway.ingest.add(sentinel, Pending(Heartbeat(ts=base), time.time()))
+    gateway.buffer.add(sentinel, Pending(Heartbeat(ts=base), time.time()))
     await applied(db, sentinel, base)
     row = await device_row(db, serial)
     assert row is not None

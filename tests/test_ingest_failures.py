@@ -10,9 +10,9 @@ from conftest import Caller, wait_for
 from gateway_codecs.device import Heartbeat
 from sync_support import rejected
 
-from gateway import app, metrics
+from gateway import metrics
 from gateway.app import Gateway
-from gateway.ingest import Pending
+from gateway.heartbeat_buffer import Pending
 
 
 async def test_a_poison_heartbeat_is_isolated_and_the_rest_of_its_batch_applies(
@@ -30,7 +30,7 @@ async def test_a_poison_heartbeat_is_isolated_and_the_rest_of_its_batch_applies(
     ts = int(now * 1000)
     for n, serial in enumerate(serials):
         battery = 40_000 if n == 4 else n  # 40,000 overflows the smallint column
-        gateway.ingest.add(serial, Pending(Heartbeat(ts=ts, battery_percent=battery), now))
+        gateway.buffer.add(serial, Pending(Heartbeat(ts=ts, battery_percent=battery), now))
 
     async def applied() -> bool:
         rows = await db.fetch(
@@ -46,7 +46,7 @@ async def test_a_poison_heartbeat_is_isolated_and_the_rest_of_its_batch_applies(
     )
     assert stored is None
     # The writer is still alive: a later heartbeat for the poisoned device applies.
-    gateway.ingest.add(serials[4], Pending(Heartbeat(ts=ts + 1, battery_percent=55), now))
+    gateway.buffer.add(serials[4], Pending(Heartbeat(ts=ts + 1, battery_percent=55), now))
 
     async def recovered() -> bool:
         return await db.fetchval(
@@ -73,7 +73,7 @@ async def test_a_dropped_database_is_unavailable_and_the_gateway_stays_up(
     status, body = await api.call("GET", "/v1/devices")
     assert (status, body["error"]["type"]) == (503, "unavailable")
     # Past a health check and a command sweep, both of which fail to connect.
-    await asyncio.sleep(app.SWEEP_INTERVAL_SECONDS + 0.5)
+    await asyncio.sleep(gateway.config.command_sweep_seconds + 0.5)
     (run,) = [t for t in asyncio.all_tasks() if t.get_name() == "gateway-under-test"]
     assert not run.done()
     assert metrics.DATABASE_CONNECTED._value.get() == 0

@@ -14,7 +14,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from gateway.mqtt import coalesce_acks, read_all_ready
+from gateway.mqtt_client import coalesce_acks, read_all_ready
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sync_support import metric, now_ms, register, sim_device
 
 from gateway.app import Gateway
-from gateway.storage import SETTINGS_HISTORY_KEEP
+from gateway.storage.settings import HISTORY_KEEP as SETTINGS_HISTORY_KEEP
 
 NAMESPACES = ["connection", "upload", "audio", "power"]
 
@@ -168,7 +168,7 @@ async def test_version_pruned_from_history_gets_the_full_document(
     dev = await register(api, "SN-SET-PRUNED")
     writes = SETTINGS_HISTORY_KEEP + 2
     for n in range(writes):  # straight into storage: 34 writes through MQTT take long
-        await gateway.storage.write_settings(
+        await gateway.storage.settings.write(
             dev["id"], None,
             lambda current, n=n: settings_schema.patch(
                 current, {"upload": {"daily_data_limit_mb": 1000 + n}}),

@@ -1,0 +1,39 @@
+"""The one place that publishes: QoS 1, without waiting, bounded by paho's queue.
+
+Replies to thousands of heartbeats a second cannot each await a PUBACK, so messages are
+queued on the client and sent as the socket allows. Publishing works from the start, also
+before the first connection: the client keeps what it cannot send yet.
+"""
+
+from __future__ import annotations
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway import metrics
+from gateway.mqtt_client import Client
+
+
+class Publisher:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def publish(self, topic: str, payload: bytes, properties: Properties | None = None) -> bool:
+        """Queue a QoS 1 message; False (and counted) when it could not be queued."""
+        if self._client.publish_nowait(topic, payload, properties):
+            return True
+        metrics.PUBLISH_FAILURES.inc()
+        return False
+
+    def unacknowledged(self) -> int:
+        """Messages published and not yet acknowledged by the broker."""
+        return self._client.unacknowledged()
+
+
+def correlation_properties(correlation_data: bytes | None) -> Properties | None:
+    """The MQTT 5 properties of a reply: the request's Correlation Data, echoed."""
+    if correlation_data is None:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.CorrelationData = correlation_data
+    return properties

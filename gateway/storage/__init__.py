@@ -1,0 +1,50 @@
+"""Every SQL statement of the gateway: the pool, and one module per aggregate.
+
+Nothing here builds SQL from input, and every function returns typed rows. Multi-step
+writes run in one transaction; no transaction stays open across a call to anything but
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from gateway.health import Health
+from gateway.storage.commands import Commands
+from gateway.storage.credentials import Credentials
+from gateway.storage.database import Database, migrate
+from gateway.storage.devices import Devices
+from gateway.storage.heartbeats import Heartbeats
+from gateway.storage.keys import ApiKeys
+from gateway.storage.settings import DeviceSettingsStore
+
+__all__ = ["Storage", "migrate"]
+
+
+class Storage:
+    """The database and its aggregates: ``storage.devices.get(...)``."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.keys = ApiKeys(db)
+        self.devices = Devices(db)
+        self.settings = DeviceSettingsStore(db)
+        self.commands = Commands(db)
+        self.credentials = Credentials(db)
+        self.heartbeats = Heartbeats(db)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a pool setting, not this call's deadline
+        min_size: int = 2,
+        max_size: int = 12,
+        health: Health | None = None,
+    ) -> AsyncIterator[Storage]:
+        async with Database.open(dsn, timeout=timeout, min_size=min_size, max_size=max_size,
+                                 health=health) as db:
+            yield cls(db)

@@ -1,0 +1,266 @@
+"""Devices: registration, the Telemetron upsert, reads, binding, reset, delete and restore."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import asyncpg
+import msgspec
+from gateway_codecs.device import RecordingState
+from gateway_codecs.registry import Device, model_of
+from gateway_codecs.settings import Settings
+
+from gateway.errors import Conflict, NotFound
+from gateway.storage import settings as settings_store
+from gateway.storage.commands import expire_overdue
+from gateway.storage.database import Database, found, iso, iso_or_none
+
+_settings = msgspec.json.Decoder(Settings)
+_recording_state = msgspec.json.Decoder(RecordingState)
+_object = msgspec.json.Decoder(dict[str, Any])
+
+# Every device route answers with this row.
+SELECT = """
+    SELECT d.id, d.serial_number, d.device_type, d.firmware_version, d.end_user_id,
+           d.bound_at, d.battery_percent, d.storage_used_mb, d.storage_total_mb,
+           d.signal_strength_dbm, d.last_heartbeat_at, d.recording_state, d.metadata,
+           s.document AS settings, d.created_at, d.updated_at, d.deleted_at
+    FROM devices d JOIN device_settings s ON s.device_id = d.id
+"""
+
+
+def device(row: Mapping[str, Any]) -> Device:
+    """The device object from a row of `SELECT`."""
+    device_type = row["device_type"]
+    end_user_id = row["end_user_id"]
+    recording_state = row["recording_state"]
+    metadata = row["metadata"]
+    return Device(
+        id=row["id"],
+        serial_number=row["serial_number"],
+        device_type=device_type,
+        model=model_of(device_type),
+        firmware_version=row["firmware_version"],
+        status="unbound" if end_user_id is None else "bound",
+        end_user_id=end_user_id,
+        bound_at=iso_or_none(row["bound_at"]),
+        battery_percent=row["battery_percent"],
+        storage_used_mb=row["storage_used_mb"],
+        storage_total_mb=row["storage_total_mb"],
+        signal_strength_dbm=row["signal_strength_dbm"],
+        last_heartbeat_at=iso_or_none(row["last_heartbeat_at"]),
+        recording_state=None if recording_state is None else _recording_state.decode(
+            recording_state
+        ),
+        metadata=None if metadata is None else _object.decode(metadata),
+        settings=_settings.decode(row["settings"]),
+        created_at=iso(row["created_at"]),
+        updated_at=iso(row["updated_at"]),
+    )
+
+
+# A device's change from PATCH: (firmware, metadata) to write, or None for no change.
+DeviceChange = Callable[[Device], "tuple[str | None, dict[str, Any] | None] | None"]
+
+
+class Devices:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def register(
+        self,
+        device_id: str,
+        serial: str,
+        device_type: str | None,
+        firmware: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> tuple[Device, bool]:
+        """Insert a device at settings version 1: (device, created). 409 if deleted."""
+        async with self._db.transaction() as conn:
+            inserted = await conn.fetchval(
+                "INSERT INTO devices (id, serial_number, device_type, firmware_version, metadata)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (serial_number) DO NOTHING"
+                " RETURNING id",
+                device_id, serial, device_type, firmware, metadata,
+            )
+            if inserted is not None:
+                await settings_store.insert_defaults(conn, device_id)
+            row = await conn.fetchrow(SELECT + " WHERE d.serial_number = $1", serial)
+        if row["deleted_at"] is not None:
+            raise Conflict(f"Serial number {serial} belongs to a deleted device")
+        return device(row), inserted is not None
+
+    async def upsert(
+        self,
+        device_id: str,
+        serial: str,
+        device_type: str | None,
+        properties: dict[str, Any] | None,
+    ) -> tuple[Device | None, bool]:
+        """Telemetron upsert: (device, created); (None, False) when it is new but untyped.
+
+        Properties merge into the metadata key by key. 409 for a deleted device.
+        """
+        async with self._db.transaction() as conn:
+            if device_type is None:
+                row = await conn.fetchrow(_UPSERT_UPDATE_SQL, serial, properties)
+            else:
+                row = await conn.fetchrow(
+                    _UPSERT_INSERT_SQL, device_id, serial, device_type, properties
+                )
+            if row is None:
+                deleted = await conn.fetchval(
+                    "SELECT deleted_at IS NOT NULL FROM devices WHERE serial_number = $1", serial
+                )
+                if deleted:
+                    raise Conflict(f"Device {serial} was deleted")
+                return None, False
+            if row["created"]:
+                await settings_store.insert_defaults(conn, row["id"])
+            current = await conn.fetchrow(SELECT + " WHERE d.id = $1", row["id"])
+        return device(current), row["created"]
+
+    async def get(self, device_id: str) -> Device:
+        async with self._db.connection() as conn:
+            row = await conn.fetchrow(SELECT + " WHERE d.id = $1 AND d.deleted_at IS NULL",
+                                      device_id)
+        return device(found(row))
+
+    async def page(
+        self,
+        limit: int,
+        starting_after: str | None,
+        bound: bool | None,
+        end_user_id: str | None,
+        serial: str | None,
+    ) -> tuple[list[Device], bool]:
+        """A page, newest first: (devices, has_more)."""
+        async with self._db.connection() as conn:
+            after_seq = None
+            if starting_after is not None:
+                after_seq = await conn.fetchval(
+                    "SELECT seq FROM devices WHERE id = $1", starting_after
+                )
+                if after_seq is None:
+                    raise NotFound(f"No such device: {starting_after}")
+            rows = await conn.fetch(
+                SELECT
+                + " WHERE d.deleted_at IS NULL"
+                "   AND ($1::bigint IS NULL OR d.seq < $1)"
+                "   AND ($2::boolean IS NULL OR (d.end_user_id IS NOT NULL) = $2)"
+                "   AND ($3::text IS NULL OR d.end_user_id = $3)"
+                "   AND ($4::text IS NULL OR d.serial_number = $4)"
+                " ORDER BY d.seq DESC LIMIT $5",
+                after_seq, bound, end_user_id, serial, limit + 1,
+            )
+        return [device(row) for row in rows[:limit]], len(rows) > limit
+
+    async def update(self, device_id: str, change: DeviceChange) -> Device:
+        """Lock the device, let ``change`` compute (firmware, metadata), write if changed."""
+        async with self._db.transaction() as conn:
+            row = found(await conn.fetchrow(
+                SELECT + " WHERE d.id = $1 AND d.deleted_at IS NULL FOR UPDATE OF d", device_id
+            ))
+            new = change(device(row))
+            if new is None:
+                return device(row)
+            await conn.execute(
+                "UPDATE devices SET firmware_version = $2, metadata = $3, updated_at = now()"
+                " WHERE id = $1",
+                device_id, new[0], new[1],
+            )
+            return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+
+    async def delete(self, device_id: str) -> None:
+        """Soft-delete; the device's broker credentials are marked for revocation."""
+        async with self._db.transaction() as conn:
+            # updated_at is left alone, here and in restore: a restored device reads
+            # exactly as it did before the delete.
+            found(await conn.fetchval(
+                "UPDATE devices SET deleted_at = now()"
+                " WHERE id = $1 AND deleted_at IS NULL RETURNING id",
+                device_id,
+            ))
+            await conn.execute(
+                "UPDATE device_credentials SET revoked_at = now()"
+                " WHERE device_id = $1 AND revoked_at IS NULL",
+                device_id,
+            )
+
+    async def restore(self, device_id: str) -> Device:
+        async with self._db.transaction() as conn:
+            found(await conn.fetchval("SELECT id FROM devices WHERE id = $1", device_id))
+            await conn.execute(
+                "UPDATE devices SET deleted_at = NULL WHERE id = $1 AND deleted_at IS NOT NULL",
+                device_id,
+            )
+            return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+
+    async def bind(self, device_id: str, end_user_id: str) -> Device:
+        async with self._db.transaction() as conn:
+            current = found(await conn.fetchrow(
+                "SELECT end_user_id FROM devices WHERE id = $1 AND deleted_at IS NULL"
+                " FOR UPDATE",
+                device_id,
+            ))["end_user_id"]
+            if current is not None and current != end_user_id:
+                raise Conflict("Device is bound to another end user")
+            if current is None:
+                await conn.execute(
+                    "UPDATE devices SET end_user_id = $2, bound_at = now(), updated_at = now()"
+                    " WHERE id = $1",
+                    device_id, end_user_id,
+                )
+            return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+
+    async def unbind(self, device_id: str) -> Device:
+        async with self._db.transaction() as conn:
+            await _unbind(conn, device_id)
+            return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+
+    async def reset(self, device_id: str, command_id: str, ttl: dt.timedelta) -> Device:
+        """Unbind and queue one factory_reset (never two open at once)."""
+        async with self._db.transaction() as conn:
+            await _unbind(conn, device_id)
+            await expire_overdue(conn, device_id)
+            await conn.execute(
+                "INSERT INTO commands (id, device_id, type, params, expires_at)"
+                " VALUES ($1, $2, 'factory_reset', '{}'::jsonb, now() + $3)"
+                " ON CONFLICT (device_id) WHERE type = 'factory_reset'"
+                "   AND status IN ('pending', 'delivered') DO NOTHING",
+                command_id, device_id, ttl,
+            )
+            return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+
+
+async def _unbind(conn: asyncpg.Connection, device_id: str) -> None:
+    found(await conn.fetchval(
+        "UPDATE devices SET end_user_id = NULL, bound_at = NULL,"
+        " updated_at = CASE WHEN end_user_id IS NULL THEN updated_at ELSE now() END"
+        " WHERE id = $1 AND deleted_at IS NULL RETURNING id",
+        device_id,
+    ))
+
+
+_UPSERT_UPDATE_SQL = """
+UPDATE devices SET
+    metadata = CASE WHEN $2::jsonb IS NULL THEN metadata
+                    ELSE COALESCE(metadata, '{}'::jsonb) || $2::jsonb END,
+    updated_at = now()
+WHERE serial_number = $1 AND deleted_at IS NULL
+RETURNING id, false AS created
+"""
+
+# `xmax = 0` tells a row this statement inserted from one it updated.
+_UPSERT_INSERT_SQL = """
+INSERT INTO devices (id, serial_number, device_type, metadata) VALUES ($1, $2, $3, $4)
+ON CONFLICT (serial_number) DO UPDATE SET
+    device_type = EXCLUDED.device_type,
+    metadata = CASE WHEN $4::jsonb IS NULL THEN devices.metadata
+                    ELSE COALESCE(devices.metadata, '{}'::jsonb) || $4::jsonb END,
+    updated_at = now()
+WHERE devices.deleted_at IS NULL
+RETURNING id, (xmax = 0) AS created
+"""

@@ -71,7 +71,7 @@ class Gateway:
                     for n in range(self.config.request_workers)
                 ]
                 background = [
-                    tasks.create_task(_supervised(name, loop), name=name)
+                    tasks.create_task(supervised(name, loop), name=name)
                     for name, loop in self._background()
                 ]
                 await stop.wait()
@@ -152,7 +152,9 @@ class Gateway:
             return False
 
 
-async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+async def supervised(
+    name: str, loop: Callable[[], Awaitable[None]], restart_seconds: float = RESTART_SECONDS
+) -> None:
     """Run a background loop until cancelled; an error it did not expect is logged and the
     loop runs again, so that it never ends the TaskGroup, and with it the gateway."""
     while True:
@@ -162,7 +164,7 @@ async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
             log.warning("background.database_unavailable", loop=name, error=str(exc))
         except Exception:
             log.exception("background.failed", loop=name)
-        await asyncio.sleep(RESTART_SECONDS)
+        await asyncio.sleep(restart_seconds)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

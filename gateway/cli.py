@@ -29,16 +29,17 @@ Configuration comes from flags or GATEWAY_* environment variables; flags win."""
 _ENV_OF = {field: variable for variable, field in config.ENV_FIELDS.items()}
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config)}
 
-# The flags of `gateway run`: (flag, Config field, help).
-RUN_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("--mqtt-url", "mqtt_url", "broker URL; mqtts:// for TLS; user:password@ allowed"),
-    ("--database-url", "database_url", "PostgreSQL URL"),
-    ("--metrics-addr", "metrics_addr", "HOST:PORT of /metrics and /healthz"),
-    ("--topic-prefix", "topic_prefix", "prefix of every topic"),
-    ("--share-group", "share_group", "MQTT 5 shared subscription group of several gateways"),
-    ("--client-id", "client_id", "MQTT client id of the gateway's persistent session"),
-    ("--log-format", "log_format", "json or console (default: console on a terminal)"),
-    ("--log-level", "log_level", "debug, info, warning or error"),
+# The flags of `gateway run`: (flag, Config field, metavar, help).
+RUN_FLAGS: tuple[tuple[str, str, str, str], ...] = (
+    ("--mqtt-url", "mqtt_url", "URL", "broker URL; mqtts:// for TLS; user:password@ allowed"),
+    ("--database-url", "database_url", "URL", "PostgreSQL URL"),
+    ("--metrics-addr", "metrics_addr", "HOST:PORT", "address of /metrics and /healthz"),
+    ("--topic-prefix", "topic_prefix", "PREFIX", "prefix of every topic"),
+    ("--share-group", "share_group", "GROUP",
+     "MQTT 5 shared subscription group of several gateways"),
+    ("--client-id", "client_id", "ID", "MQTT client id of the gateway's persistent session"),
+    ("--log-format", "log_format", "", "log lines as json or console"),
+    ("--log-level", "log_level", "LEVEL", "debug, info, warning or error"),
 )
 
 
@@ -46,7 +47,7 @@ def _help(field: str, text: str) -> str:
     default = _DEFAULTS[field]
     shown = "unset" if default is None else (repr(default) if default == "" else default)
     if field == "log_format":
-        return f"{text}; env {_ENV_OF[field]}"
+        shown = "console when stderr is a terminal, else json"
     return f"{text} (default: {shown}; env {_ENV_OF[field]})"
 
 
@@ -55,8 +56,7 @@ def _database_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", dest="database_url",
                         help=_help("database_url", "PostgreSQL URL"), metavar="URL")
     parser.add_argument("--log-format", dest="log_format", choices=("json", "console"),
-                        help=_help("log_format", "json or console (default: console on a "
-                                                 "terminal)"))
+                        help=_help("log_format", "log lines as json or console"))
     parser.add_argument("--log-level", dest="log_level", metavar="LEVEL",
                         help=_help("log_level", "debug, info, warning or error"))
 
@@ -71,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the gateway until SIGINT or SIGTERM",
                               description="Run the gateway until SIGINT or SIGTERM, then "
                                           "drain accepted work and exit 0.")
-    for flag, field, text in RUN_FLAGS:
-        kwargs: dict[str, Any] = {"help": _help(field, text), "metavar": "VALUE"}
+    for flag, field, metavar, text in RUN_FLAGS:
+        kwargs: dict[str, Any] = {"help": _help(field, text), "metavar": metavar}
         if field == "log_format":
             kwargs = {"help": _help(field, text), "choices": ("json", "console")}
         run.add_argument(flag, dest=field, **kwargs)

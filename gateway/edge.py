@@ -27,7 +27,7 @@ from paho.mqtt.properties import Properties
 from gateway import metrics
 from gateway.config import Config
 from gateway.health import Health
-from gateway.mqtt_client import Client, make_client
+from gateway.mqtt_client import Client, disconnect_reason, make_client
 from gateway.publisher import Publisher
 
 log = structlog.get_logger("gateway.edge")
@@ -44,6 +44,10 @@ BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
 # MQTT 5 reason code of a DISCONNECT sent because another client connected with our id.
 SESSION_TAKEN_OVER = 142
+# Connections the broker closes this soon after they were made count as short-lived;
+# this many in a row is reported as a client id taken over.
+SHORT_LIVED_SECONDS = 2.0
+TAKEOVER_SUSPECTED_AFTER = 3
 
 
 class Edge:
@@ -97,7 +101,7 @@ class Edge:
         # A DISCONNECT ends the session cleanly; against a hung broker aiomqtt gives up
         # after its timeout and the edge stops anyway.
         with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.__aexit__(None, None, None)
+            await self._client.disconnect()
 
     def hold_intake(self) -> None:
         """Stop taking messages. One delivered from now on is neither routed nor
@@ -106,12 +110,12 @@ class Edge:
         self._client.hold_acks(True)
 
     async def _connect(self, *, quiet: bool = False) -> None:
-        await self._client.__aenter__()
+        await self._client.connect()
         try:
             granted = await self._client.subscribe(self._topics)
         except BaseException:
             with contextlib.suppress(aiomqtt.MqttError):
-                await self._client.__aexit__(None, None, None)
+                await self._client.disconnect()
             raise
         for (topic, _), code in zip(self._topics, granted, strict=False):
             if getattr(code, "is_failure", False):
@@ -125,20 +129,30 @@ class Edge:
                      client_id=self._config.client_id)
 
     async def _stay_connected(self) -> None:
-        """Wait for the connection to drop, then reconnect, until cancelled."""
+        """Wait for the connection to drop, then reconnect, until cancelled.
+
+        The backoff starts over only after a connection that lasted: one the broker keeps
+        closing at once (another client with the same id, say) is retried ever more slowly.
+        """
         task = asyncio.current_task()
         delay = BACKOFF_FIRST_SECONDS
+        short_lived = 0
         while True:
+            connected_at = time.monotonic()
             try:
                 # The routing queue never yields; iterating only waits for a disconnect.
                 async for _ in self._client.messages:
                     pass
             except aiomqtt.MqttError as exc:
                 _raise_if_cancelled(task, exc)
-                self._disconnected(exc)
+                lasted = time.monotonic() - connected_at
+                short_lived = short_lived + 1 if lasted < SHORT_LIVED_SECONDS else 0
+                if short_lived == 0:
+                    delay = BACKOFF_FIRST_SECONDS
+                self._disconnected(exc, short_lived)
             while True:
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await self._client.__aexit__(None, None, None)
+                    await self._client.disconnect()
                 wait = random.uniform(delay / 2, delay)
                 log.warning("mqtt.reconnecting", in_seconds=round(wait, 2))
                 await asyncio.sleep(wait)
@@ -151,17 +165,22 @@ class Edge:
                     log.warning("mqtt.connect_failed", error=str(exc))
                     continue
                 _raise_if_cancelled(task)
-                delay = BACKOFF_FIRST_SECONDS
                 break
 
-    def _disconnected(self, exc: aiomqtt.MqttError) -> None:
+    def _disconnected(self, exc: aiomqtt.MqttError, short_lived: int) -> None:
         self._health.broker = False
         self.connected.clear()
         metrics.MQTT_RECONNECTS.inc()
-        if getattr(getattr(exc, "rc", None), "value", None) == SESSION_TAKEN_OVER:
+        taken_over = disconnect_reason(exc) == SESSION_TAKEN_OVER
+        if taken_over or short_lived >= TAKEOVER_SUSPECTED_AFTER:
+            # Mosquitto 2.0 closes the socket without saying why; a connection it closes
+            # again and again right after it was made is the same symptom.
             log.error(
                 "mqtt.session_taken_over", client_id=self._config.client_id,
-                cause="another MQTT client connected with the same client id",
+                cause="another MQTT client connected with the same client id" if taken_over
+                else f"the broker closed {short_lived} connections in a row within "
+                     f"{SHORT_LIVED_SECONDS:g} s: most likely another MQTT client uses the "
+                     "same client id",
                 fix="give every gateway process its own GATEWAY_CLIENT_ID "
                     "(or run them as `gateway run --workers N`)",
             )

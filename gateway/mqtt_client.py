@@ -63,6 +63,14 @@ class Client(aiomqtt.Client):
                 self._lock.release()
             raise
 
+    async def connect(self) -> None:
+        """Connect (and wait for the CONNACK); ``aiomqtt.MqttError`` when it fails."""
+        await self.__aenter__()
+
+    async def disconnect(self) -> None:
+        """Disconnect if connected; errors are the caller's to ignore."""
+        await self.__aexit__(None, None, None)
+
     def publish_nowait(
         self, topic: str, payload: bytes, properties: Properties | None = None
     ) -> bool:
@@ -85,6 +93,20 @@ class Client(aiomqtt.Client):
     def ack(self, message: aiomqtt.Message) -> None:
         """Acknowledge one message received while acks are held."""
         self._client.ack(message.mid, message.qos)
+
+
+def disconnect_reason(exc: BaseException) -> int | None:
+    """The MQTT reason code of the broker's DISCONNECT behind ``exc``, if it sent one.
+
+    aiomqtt's message iterator raises a plain ``MqttError`` whose cause carries the code.
+    """
+    while exc is not None:
+        code = getattr(exc, "rc", None)
+        value = getattr(code, "value", code)
+        if isinstance(value, int):
+            return value
+        exc = exc.__cause__  # type: ignore[assignment]
+    return None
 
 
 def make_client(

@@ -113,7 +113,8 @@ class Credentials:
                     " WHERE device_id = $1 AND lease = $2",
                     reservation.device_id, reservation.lease,
                 )
-                raise NotFound("No such object")
+        if row is None:
+            raise NotFound("No such object")
         return Confirmed(created_at=row["created_at"], rotated=row["rotated"])
 
     async def release(self, reservation: Reservation) -> None:

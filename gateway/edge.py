@@ -14,7 +14,6 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import aiomqtt
@@ -86,12 +85,7 @@ class Edge:
         self._task = asyncio.create_task(self._stay_connected(), name="mqtt-edge")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

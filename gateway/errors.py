@@ -58,10 +58,18 @@ class DynsecRefused(GatewayError):
 
 
 class ApiError(GatewayError):
-    """An error answered to a request/reply caller in the registry's error shape."""
+    """An error answered to a request/reply caller in the registry's error shape.
+
+    Each kind names its status and type: ``class NotFound(ApiError, status=404,
+    type="not_found")``.
+    """
 
     status = 500
     type = "internal_error"
+
+    def __init_subclass__(cls, *, status: int, type: str, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.status, cls.type = status, type
 
     def __init__(self, message: str, details: list[ErrorDetail] | None = None) -> None:
         super().__init__(message)
@@ -73,47 +81,47 @@ class ApiError(GatewayError):
         return ErrorBody(Error(type=self.type, message=self.message, details=details))
 
 
-class InvalidRequest(ApiError):
-    status, type = 400, "invalid_request"
+class InvalidRequest(ApiError, status=400, type="invalid_request"):
+    """The envelope or the body is not valid JSON, or lacks method or path."""
 
 
-class ValidationFailed(ApiError):
-    status, type = 400, "validation_error"
+class ValidationFailed(ApiError, status=400, type="validation_error"):
+    """A field is missing, mistyped or out of range; ``details`` names every one."""
 
 
-class AuthenticationFailed(ApiError):
-    status, type = 401, "authentication_error"
+class AuthenticationFailed(ApiError, status=401, type="authentication_error"):
+    """No API key, or an unknown or revoked one."""
 
 
-class PermissionDenied(ApiError):
-    status, type = 403, "permission_error"
+class PermissionDenied(ApiError, status=403, type="permission_error"):
+    """The key lacks the route's scope."""
 
 
-class NotFound(ApiError):
-    status, type = 404, "not_found"
+class NotFound(ApiError, status=404, type="not_found"):
+    """An unknown route, or an unknown or deleted object."""
 
 
-class MethodNotAllowed(ApiError):
-    status, type = 405, "method_not_allowed"
+class MethodNotAllowed(ApiError, status=405, type="method_not_allowed"):
+    """A known path with another method."""
 
 
-class Conflict(ApiError):
-    status, type = 409, "conflict"
+class Conflict(ApiError, status=409, type="conflict"):
+    """A state conflict: bound to another user, a deleted device's serial, if-match."""
 
 
-class RateLimited(ApiError):
-    status, type = 429, "rate_limit_error"
+class RateLimited(ApiError, status=429, type="rate_limit_error"):
+    """A per-device quota is full (open commands)."""
 
 
-class InternalError(ApiError):
-    status, type = 500, "internal_error"
+class InternalError(ApiError, status=500, type="internal_error"):
+    """A bug; the message says nothing internal."""
 
 
-class Unavailable(ApiError):
-    status, type = 503, "unavailable"
+class Unavailable(ApiError, status=503, type="unavailable"):
+    """The database (or the broker's dynamic security) did not answer; retry."""
 
 
-class TelemetronError(ApiError):
+class TelemetronError(ApiError, status=400, type="invalid_request"):
     """An error on the Telemetron route, answered in that route's own shape."""
 
     def __init__(self, status: int, message: str) -> None:

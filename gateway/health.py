@@ -8,32 +8,24 @@ from __future__ import annotations
 
 from gateway import metrics
 
+_GAUGES = {"broker": metrics.MQTT_CONNECTED, "database": metrics.DATABASE_CONNECTED}
+
 
 class Health:
-    """Connection state, set by the edge and the database as it changes."""
+    """Connection state, set by the edge and the database as it changes; each change is
+    mirrored in its gauge."""
+
+    broker: bool
+    database: bool
 
     def __init__(self) -> None:
-        self._broker = False
-        self._database = False
+        self.broker = False
+        self.database = False
 
-    @property
-    def broker(self) -> bool:
-        return self._broker
-
-    @broker.setter
-    def broker(self, up: bool) -> None:
-        self._broker = up
-        metrics.MQTT_CONNECTED.set(int(up))
-
-    @property
-    def database(self) -> bool:
-        return self._database
-
-    @database.setter
-    def database(self, up: bool) -> None:
-        self._database = up
-        metrics.DATABASE_CONNECTED.set(int(up))
+    def __setattr__(self, name: str, up: bool) -> None:
+        super().__setattr__(name, up)
+        _GAUGES[name].set(int(up))
 
     @property
     def ok(self) -> bool:
-        return self._broker and self._database
+        return self.broker and self.database

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from gateway.health import Health
 from gateway.storage.commands import Commands
 from gateway.storage.credentials import Credentials
-from gateway.storage.database import Database, migrate
+from gateway.storage.database import Database, create_pool, migrate
 from gateway.storage.devices import Devices
 from gateway.storage.heartbeats import Heartbeats
 from gateway.storage.keys import ApiKeys
@@ -45,6 +45,9 @@ class Storage:
         max_size: int = 12,
         health: Health | None = None,
     ) -> AsyncIterator[Storage]:
-        async with Database.open(dsn, timeout=timeout, min_size=min_size, max_size=max_size,
-                                 health=health) as db:
+        db = Database(await create_pool(dsn, timeout, min_size, max_size), timeout,
+                      health or Health())
+        try:
             yield cls(db)
+        finally:
+            await db.close()

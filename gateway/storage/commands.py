@@ -14,7 +14,7 @@ import msgspec
 from gateway_codecs.registry import MAX_OPEN_COMMANDS, Command, CommandResult
 
 from gateway.errors import Conflict, NotFound, RateLimited
-from gateway.storage.database import Database, found, iso, iso_or_none
+from gateway.storage.database import Aggregate, found, iso, iso_or_none
 
 _object = msgspec.json.Decoder(dict[str, Any])
 _result = msgspec.json.Decoder(CommandResult)
@@ -68,10 +68,7 @@ async def expire_overdue(conn: asyncpg.Connection, device_id: str) -> None:
     )
 
 
-class Commands:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class Commands(Aggregate):
     async def create(
         self,
         device_id: str,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import msgspec
 
 from gateway.errors import Conflict, NotFound
-from gateway.storage.database import Database, found
+from gateway.storage.database import Aggregate, found
 
 LEASE_SECONDS = 30
 
@@ -81,10 +81,7 @@ WHERE d.id = dc.device_id AND dc.revoked_at IS NULL
 """
 
 
-class Credentials:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class Credentials(Aggregate):
     async def reserve_issue(self, device_id: str, lease: str) -> Reservation:
         """Lease a live device's credentials to issue new ones. NotFound for an unknown or
         deleted device; Conflict while another change of them is in progress."""
@@ -119,9 +116,12 @@ class Credentials:
 
     async def release(self, reservation: Reservation) -> None:
         """Give a lease back after the broker call failed; nothing changed."""
+        await self._end_lease(reservation, "")
+
+    async def _end_lease(self, reservation: Reservation, also_set: str) -> None:
         async with self._db.connection() as conn:
             await conn.execute(
-                "UPDATE device_credentials SET lease = NULL, lease_until = NULL"
+                f"UPDATE device_credentials SET {also_set} lease = NULL, lease_until = NULL"
                 " WHERE device_id = $1 AND lease = $2",
                 reservation.device_id, reservation.lease,
             )
@@ -165,10 +165,5 @@ class Credentials:
 
     async def confirm_revocation(self, reservation: Reservation) -> None:
         """The broker removed the account: the revocation is applied."""
-        async with self._db.connection() as conn:
-            await conn.execute(
-                "UPDATE device_credentials SET broker_revoked_at = now(),"
-                " lease = NULL, lease_until = NULL WHERE device_id = $1 AND lease = $2",
-                reservation.device_id, reservation.lease,
-            )
+        await self._end_lease(reservation, "broker_revoked_at = now(),")
 

@@ -88,6 +88,33 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def create_pool(dsn: str, timeout: float, min_size: int, max_size: int) -> asyncpg.Pool:  # noqa: ASYNC109 - the pool's timeout, not this call's
+    """A connection pool, or StorageUnavailable (saying to migrate if the database is
+    missing)."""
+    try:
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=timeout,
+            timeout=timeout,
+            init=_init_connection,
+            reset=_no_reset,
+            max_inactive_connection_lifetime=60,
+        )
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise StorageUnavailable(f"{exc} (run `gateway db migrate`)") from exc
+    except UNAVAILABLE as exc:
+        raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
+class Aggregate:
+    """Base of the storage aggregates: each holds the database it queries."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+
 class Database:
     """The asyncpg pool, its health, and the translation of connection errors."""
 
@@ -95,46 +122,17 @@ class Database:
         self._pool = pool
         self.timeout = timeout
         self.health = health
+        health.database = True
         # Set when a health check (`ping`) fails and cleared when one passes.
         self._down = False
         self._failed = asyncio.Event()  # a call found the database unavailable
 
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(
-        cls,
-        dsn: str,
-        *,
-        timeout: float = 5.0,  # noqa: ASYNC109 - a pool setting, not this call's deadline
-        min_size: int = 2,
-        max_size: int = 12,
-        health: Health | None = None,
-    ) -> AsyncIterator[Database]:
-        health = health or Health()
+    async def close(self) -> None:
+        self.health.database = False
         try:
-            pool = await asyncpg.create_pool(
-                dsn,
-                min_size=min_size,
-                max_size=max_size,
-                command_timeout=timeout,
-                timeout=timeout,
-                init=_init_connection,
-                reset=_no_reset,
-                max_inactive_connection_lifetime=60,
-            )
-        except asyncpg.InvalidCatalogNameError as exc:
-            raise StorageUnavailable(f"{exc} (run `gateway db migrate`)") from exc
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-        health.database = True
-        try:
-            yield cls(pool, timeout, health)
-        finally:
-            health.database = False
-            try:
-                await pool.close()
-            except UNAVAILABLE:
-                pool.terminate()
+            await self._pool.close()
+        except UNAVAILABLE:
+            self._pool.terminate()
 
     @contextlib.asynccontextmanager
     async def connection(self, *, check: bool = False) -> AsyncIterator[asyncpg.Connection]:

@@ -15,7 +15,7 @@ from gateway_codecs.settings import Settings
 from gateway.errors import Conflict, NotFound
 from gateway.storage import settings as settings_store
 from gateway.storage.commands import expire_overdue
-from gateway.storage.database import Database, found, iso, iso_or_none
+from gateway.storage.database import Aggregate, found, iso, iso_or_none
 
 _settings = msgspec.json.Decoder(Settings)
 _recording_state = msgspec.json.Decoder(RecordingState)
@@ -65,10 +65,7 @@ def device(row: Mapping[str, Any]) -> Device:
 DeviceChange = Callable[[Device], "tuple[str | None, dict[str, Any] | None] | None"]
 
 
-class Devices:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class Devices(Aggregate):
     async def register(
         self,
         device_id: str,

@@ -19,7 +19,7 @@ from gateway_codecs.registry import COMMANDS_PER_MESSAGE
 
 from gateway.errors import BatchFailed
 from gateway.storage.commands import Finished
-from gateway.storage.database import Database
+from gateway.storage.database import Aggregate
 from gateway.storage.settings import HISTORY_KEEP
 
 _document = msgspec.json.Decoder(dict[str, Any])
@@ -88,10 +88,7 @@ def _outcome(row: asyncpg.Record) -> Outcome:
     )
 
 
-class Heartbeats:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class Heartbeats(Aggregate):
     async def apply(
         self, rounds: Sequence[HeartbeatColumns], acks: AckColumns | None
     ) -> tuple[list[Outcome], list[Finished]]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from gateway.storage.database import Database
+from gateway.storage.database import Aggregate
 
 
 class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,10 +32,7 @@ class StoredKey(msgspec.Struct, frozen=True, kw_only=True):
 _COLUMNS = "id, name, scopes, created_at, revoked_at"
 
 
-class ApiKeys:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class ApiKeys(Aggregate):
     async def create(
         self, key_id: str, name: str | None, key_hash: bytes, scopes: Sequence[str]
     ) -> ApiKey:

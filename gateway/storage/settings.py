@@ -11,7 +11,7 @@ from gateway_codecs.registry import DeviceSettings
 from gateway_codecs.settings import Settings, defaults
 
 from gateway.errors import Conflict
-from gateway.storage.database import Database, found, iso
+from gateway.storage.database import Aggregate, found, iso
 
 # Versions kept per device; a device reporting an older one gets the full document.
 HISTORY_KEEP = 32
@@ -53,10 +53,7 @@ async def insert_defaults(conn: asyncpg.Connection, device_id: str) -> None:
     )
 
 
-class DeviceSettingsStore:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
+class DeviceSettingsStore(Aggregate):
     async def get(self, device_id: str) -> DeviceSettings:
         async with self._db.connection() as conn:
             row = await conn.fetchrow(_SELECT, device_id)

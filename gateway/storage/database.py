@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -24,6 +24,7 @@ from gateway.errors import NotFound, SchemaMissing, StorageUnavailable
 from gateway.health import Health
 
 log = structlog.get_logger("gateway.storage")
+T = TypeVar("T")
 
 TABLES = ("devices", "device_settings", "device_settings_history", "commands", "api_keys",
           "device_credentials", "sweeps")
@@ -59,7 +60,7 @@ def iso_or_none(value: dt.datetime | None) -> str | None:
     return None if value is None else iso(value)
 
 
-def found(value: Any, what: str = "No such object") -> Any:
+def found(value: T | None, what: str = "No such object") -> T:
     """``value``, or NotFound when the query found nothing."""
     if value is None:
         raise NotFound(what)

@@ -112,3 +112,16 @@ CREATE TABLE IF NOT EXISTS sweeps (
     name      text        PRIMARY KEY,
     next_run  timestamptz NOT NULL
 );
+
+-- The gateway processes serving this database, so that a misconfigured one is refused
+-- before it connects to the broker: a client id already in use, or a process without the
+-- share group next to others (each would execute every request). A live process holds a
+-- session advisory lock on its client id; a row whose lock nobody holds is left over.
+CREATE TABLE IF NOT EXISTS gateway_processes (
+    client_id     text        PRIMARY KEY,
+    host          text        NOT NULL,
+    pid           integer     NOT NULL,
+    topic_prefix  text        NOT NULL,
+    share_group   text,
+    started_at    timestamptz NOT NULL DEFAULT now()
+);

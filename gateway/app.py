@@ -13,13 +13,15 @@ from gateway import dynsec, metrics
 from gateway.config import Config, redact_url
 from gateway.device_replies import DeviceReplies
 from gateway.edge import Edge
-from gateway.errors import StorageUnavailable
+from gateway.errors import ProcessConflict, StorageUnavailable
 from gateway.heartbeat_buffer import HeartbeatBuffer
+from gateway.heartbeat_link import HeartbeatLink
 from gateway.heartbeat_writer import BatchWriter
 from gateway.ingest import Intake, Rejections
 from gateway.rpc import Requests
 from gateway.storage import Storage
 from gateway.storage.commands import Finished
+from gateway.storage.processes import Membership
 
 log = structlog.get_logger("gateway.app")
 
@@ -41,16 +43,28 @@ class Gateway:
             dynsec.DeviceAccess(config, storage, self.control) if self.control else None
         )
         reject = Rejections()
-        self.buffer = HeartbeatBuffer(config.inbox_max)
-        self.intake = Intake(config.topic("devices/"), self.buffer, reject)
+        self.buffer = HeartbeatBuffer(config.heartbeat_window)
+        link_id = config.connection_id("heartbeats")
+        self.link = HeartbeatLink(
+            config.mqtt, client_id=link_id,
+            topic=config.subscription("devices/+/heartbeat"),
+            barrier_topic=config.topic(f"gateway/barrier/{link_id}"),
+            persistent=config.persistent_sessions,
+            session_expiry=config.session_expiry_seconds,
+            receive_maximum=config.heartbeat_window,
+            keepalive=config.mqtt_keepalive_seconds,
+            on_publish=lambda *message: self.intake.accept(*message),
+        )
+        self.intake = Intake(config.topic("devices/"), self.buffer, reject, self.link.done)
         self.replies = DeviceReplies(config, publisher, reject, self._finished)
         self.writer = BatchWriter(
-            self.buffer, storage.heartbeats, reject, self.replies.written,
+            self.buffer, storage.heartbeats, reject, self.replies.written, self.link.done,
             batch_max=config.batch_max, batch_wait=config.batch_wait_ms / 1000,
         )
-        self.requests = Requests(config, storage, publisher, self.access)
+        self.requests = Requests(config, storage, publisher, self.edge.done, self.access)
+        self.membership = Membership(config.database_url, self.edge.client_id,
+                                     config.topic_prefix, config.share_group)
         self.edge.handle(
-            heartbeats=self.intake.accept,
             requests=self.requests.accept,
             control=self.control.accept if self.control else None,
         )
@@ -58,8 +72,17 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, run until ``stop`` is set, then stop intake and drain accepted work."""
         host, port = self.config.metrics_endpoint
-        # The broker first: a gateway that cannot reach it fails before serving anything.
-        async with self.edge, metrics.serve(host, port, lambda: self.health.ok):
+        # Refused before it touches the broker when it would clash with another process;
+        # then the broker: a gateway that cannot reach it fails before serving anything.
+        await self.membership.join()
+        try:
+            await self._serve(stop, host, port)
+        finally:
+            await self.membership.leave()
+
+    async def _serve(self, stop: asyncio.Event, host: str, port: int) -> None:
+        async with self.edge, self.link, metrics.serve(host, port, metrics.exposition,
+                                                       self._healthy):
             log.info("gateway.ready", broker=redact_url(self.config.mqtt_url),
                      database=redact_url(self.config.database_url),
                      metrics=f"http://{host}:{port}/metrics", client_id=self.config.client_id,
@@ -78,9 +101,13 @@ class Gateway:
                 log.info("gateway.stopping")
                 await self._drain(writer, [*workers, *background])
 
+    async def _healthy(self) -> bool:
+        return self.health.ok and self.link.connected.is_set()
+
     def _background(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("database-health", self._watch_database),
+            ("process-registration", self._keep_registration),
             ("command-sweep", self._sweep_commands),
             ("history-prune", self._prune_history),
         ]
@@ -90,12 +117,21 @@ class Gateway:
 
     async def _drain(self, writer: asyncio.Task[None], others: list[asyncio.Task[None]]) -> None:
         deadline = time.monotonic() + self.config.drain_seconds
-        # Intake stops first: what the broker delivers from now on is not acknowledged,
-        # so it stays in the persistent session for the next start instead of being
-        # accepted after the drain and lost. Accepted requests and buffered heartbeats
-        # then finish while the edge stays connected, so their replies and the
-        # heartbeats' acks still reach the broker.
-        self.edge.hold_intake()
+        if self.config.persistent_sessions:
+            # Intake stops first: what the broker delivers from now on is not
+            # acknowledged, so it stays in the session for the next start.
+            self.edge.hold_intake()
+            self.link.hold()
+        else:
+            # In a share group the session ends with the connection: stop being given
+            # messages, and take in everything the broker had already assigned here.
+            left = max(0.0, deadline - time.monotonic())
+            drained = await asyncio.gather(self.edge.drain(left), self.link.drain(left))
+            if not all(drained):
+                log.warning("gateway.drain_incomplete", requests=drained[0],
+                            heartbeats=drained[1])
+        # Accepted requests and buffered heartbeats finish while both connections stay
+        # up, so that replies and acknowledgements still reach the broker.
         await self.requests.drain(deadline)
         for task in others:
             task.cancel()
@@ -108,6 +144,7 @@ class Gateway:
         # What the drain could not finish by the deadline (all zero normally).
         log.info("gateway.drained", requests_left=self.requests.in_flight,
                  heartbeats_left=self.buffer.depth,
+                 heartbeats_unacknowledged=self.link.unacknowledged,
                  publishes_unacknowledged=publisher.unacknowledged())
 
     def _finished(self, commands: Iterable[Finished]) -> None:
@@ -126,6 +163,17 @@ class Gateway:
             # more often then, so they are served again soon after it is back.
             await db.until_failure(self.config.health_interval_seconds if up
                                    else self.config.health_recheck_seconds)
+
+    async def _keep_registration(self) -> None:
+        """Take the registration again after its connection was lost (a database
+        restart releases the client id's lock)."""
+        while True:
+            await asyncio.sleep(self.config.health_interval_seconds)
+            if not self.membership.held:
+                try:
+                    await self.membership.rejoin()
+                except ProcessConflict as exc:
+                    log.error("gateway.process_conflict", error=str(exc))
 
     async def _sweep_commands(self) -> None:
         every = self.config.command_sweep_seconds

@@ -15,7 +15,7 @@ import structlog
 
 from gateway import auth, config, logs
 from gateway.config import Config, ConfigError, redact_url
-from gateway.errors import StorageUnavailable
+from gateway.errors import ProcessConflict, StorageUnavailable
 from gateway.storage import Storage, migrate
 from gateway.storage.database import iso
 from gateway.storage.keys import ApiKey
@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         if field == "log_format":
             kwargs = {"help": _help(field, text), "choices": ("json", "console")}
         run.add_argument(flag, dest=field, **kwargs)
+    run.add_argument("--workers", dest="workers", type=int, metavar="N",
+                     help=_help("workers", "gateway processes under one supervisor; with "
+                                           "more than 1 the share group defaults to "
+                                           "'gateway'"))
+    run.add_argument("--worker", dest="worker", type=int, help=argparse.SUPPRESS)
     run.add_argument("--dynsec", action="store_true", default=None,
                      help="issue device broker credentials with Mosquitto's dynamic "
                           "security plugin (default: off; env GATEWAY_DYNSEC=1)")
@@ -107,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(cfg: Config) -> int:
+    if cfg.workers > 1 and cfg.worker is None:
+        from gateway.supervisor import Supervisor
+
+        return await Supervisor(cfg).run()
     from gateway.app import serve
 
     await serve(cfg)
@@ -194,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(cfg.log_format, cfg.log_level)
+    if cfg.worker is not None:
+        structlog.contextvars.bind_contextvars(worker=cfg.worker)
     if args.command == "run":
         coroutine = _run(cfg)
     elif args.command == "db":
@@ -213,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _event_loop_run(coroutine)
     except StorageUnavailable as exc:
         print(f"gateway: database {redact_url(cfg.database_url)}: {exc}", file=sys.stderr)
+    except ProcessConflict as exc:
+        print(f"gateway: refused to start: {exc}", file=sys.stderr)
     except aiomqtt.MqttError as exc:
         print(f"gateway: broker unreachable at {redact_url(cfg.mqtt_url)}: {exc}",
               file=sys.stderr)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import sys
+import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -73,13 +74,24 @@ class Config:
     log_format: str = "json"
     log_level: str = "info"
     # A stable client id and a persistent session let the broker keep QoS 1 messages for
-    # the gateway while it reconnects. Empty: a random id and a clean session.
+    # the gateway while it reconnects. Empty: a random id and a clean session. In a share
+    # group the session ends with the connection (see `persistent_sessions`).
     client_id: str = "gateway"
     session_expiry_seconds: int = 3600
-    # Heartbeat pipeline.
+    # The broker drops a connection silent for 1.5 times this: how soon it notices a
+    # process whose host is gone (one that exits or is killed closes its sockets at once).
+    mqtt_keepalive_seconds: int = 2
+    # `gateway run --workers N`: N processes under a supervisor; `worker` is set in each.
+    workers: int = 1
+    worker: int | None = None
+    # Names this process's connections when `client_id` is empty.
+    instance: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Heartbeat pipeline. `inbox_max` bounds the buffer, and is also the heartbeat
+    # connection's in-flight window (Receive Maximum, at most 65535): heartbeats are
+    # acknowledged once committed, so the broker never sends more than the buffer holds.
     batch_max: int = 2000
     batch_wait_ms: float = 5.0
-    inbox_max: int = 200_000
+    inbox_max: int = 20_000
     # Request/reply.
     request_workers: int = 64
     request_queue_max: int = 4096
@@ -110,6 +122,10 @@ class Config:
             raise ConfigError("share group must be one topic level without wildcards")
         if self.topic_prefix and ("+" in self.topic_prefix or "#" in self.topic_prefix):
             raise ConfigError("topic prefix must not contain wildcards")
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
+        if not 0 <= self.mqtt_keepalive_seconds <= 65535:
+            raise ConfigError("MQTT keepalive must be 0 to 65535 seconds")
 
     def __repr__(self) -> str:
         fields = ", ".join(
@@ -131,6 +147,23 @@ class Config:
                 f"got {self.metrics_addr!r}"
             )
         return host.strip("[]") or "127.0.0.1", int(port)
+
+    @property
+    def persistent_sessions(self) -> bool:
+        """A process alone keeps its broker sessions across reconnects; in a share group a
+        session ends with its connection, so a dead process is given no more messages."""
+        return bool(self.client_id) and self.share_group is None
+
+    @property
+    def heartbeat_window(self) -> int:
+        """The heartbeat connection's Receive Maximum."""
+        return max(1, min(self.inbox_max, 65535))
+
+    def connection_id(self, connection: str) -> str:
+        """The MQTT client id of one of this process's connections: the client id itself
+        for requests, with a suffix for the others."""
+        base = self.client_id or f"gateway-{self.instance}"
+        return base if connection == "requests" else f"{base}-{connection}"
 
     def topic(self, name: str) -> str:
         """``name`` under the configured prefix (``acme`` + ``devices/x`` → ``acme/devices/x``)."""
@@ -164,10 +197,15 @@ ENV_FIELDS: Mapping[str, str] = {
     "GATEWAY_LOG_LEVEL": "log_level",
     "GATEWAY_CLIENT_ID": "client_id",
     "GATEWAY_DYNSEC": "dynsec",
+    "GATEWAY_WORKERS": "workers",
 }
 
 _BOOLEAN_FIELDS = frozenset(
     f.name for f in dataclasses.fields(Config) if isinstance(f.default, bool)
+)
+_INTEGER_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(Config)
+    if isinstance(f.default, int) and not isinstance(f.default, bool)
 )
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -181,6 +219,12 @@ def _boolean(variable: str, value: str) -> bool:
     raise ConfigError(f"{variable} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
 
 
+def _integer(variable: str, value: str) -> int:
+    if not (value.strip().isascii() and value.strip().isdigit()):
+        raise ConfigError(f"{variable} must be a whole number, got {value!r}")
+    return int(value)
+
+
 def load(environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
     """Build the Config from environment variables, then flags (flags win)."""
     values: dict[str, Any] = {}
@@ -189,6 +233,8 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
             values[field] = environ[variable]
             if field in _BOOLEAN_FIELDS:
                 values[field] = _boolean(variable, environ[variable])
+            elif field in _INTEGER_FIELDS:
+                values[field] = _integer(variable, environ[variable])
     values.update({k: v for k, v in overrides.items() if v is not None})
     values.setdefault("log_format", "console" if sys.stderr.isatty() else "json")
     return Config(**values)

@@ -26,6 +26,10 @@ class StorageUnavailable(GatewayError):
     """PostgreSQL cannot be reached or did not answer in time."""
 
 
+class ProcessConflict(GatewayError):
+    """This process would clash with another gateway process on the same database."""
+
+
 class SchemaMissing(StorageUnavailable):
     """The database exists but ``schema.sql`` was not applied."""
 

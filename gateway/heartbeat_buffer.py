@@ -24,6 +24,10 @@ _WRITTEN_FIELDS = (
 Batch = dict[str, list["Pending"]]  # serial -> its heartbeats, oldest first
 
 
+def receipts_of(batch: Batch) -> list[int]:
+    return [receipt for queue in batch.values() for entry in queue for receipt in entry.receipts]
+
+
 @dataclass(slots=True)
 class Pending:
     heartbeat: wire.Heartbeat
@@ -31,6 +35,9 @@ class Pending:
     extra_acks: list[wire.Ack] = field(default_factory=list)
     # When this entry superseded older ones: the oldest one's receive time (for the lag).
     first_received: float | None = None
+    # The messages to acknowledge once this entry is written: its own, and those of the
+    # entries folded into it.
+    receipts: list[int] = field(default_factory=list)
 
     def supersedes(self, older: Pending) -> bool:
         """True when applying self alone leaves the same state as older then self.
@@ -50,9 +57,11 @@ class Pending:
         )
 
     def absorb(self, older: Pending) -> None:
-        """Take over what older still has to do once self replaces it: its acks."""
+        """Take over what older still has to do once self replaces it: its acks, and its
+        messages' acknowledgements."""
         self.extra_acks = [*older.extra_acks, *(older.heartbeat.acks or ()), *self.extra_acks]
         self.first_received = older.first_received or older.received
+        self.receipts = [*older.receipts, *self.receipts]
 
     @property
     def acks(self) -> list[wire.Ack]:
@@ -72,6 +81,7 @@ def fold(queue: list[Pending], entry: Pending) -> int | None:
     new, last = entry.heartbeat, queue[-1].heartbeat
     if new.ts is not None and last.ts is not None and new.ts <= last.ts:
         queue[-1].extra_acks = [*queue[-1].extra_acks, *entry.acks]
+        queue[-1].receipts.extend(entry.receipts)
         metrics.HEARTBEATS_STALE.inc()
         return 0
     removed = 0

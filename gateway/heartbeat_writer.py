@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 import structlog
 
 from gateway import metrics
 from gateway.errors import BatchFailed, StorageUnavailable
-from gateway.heartbeat_buffer import Batch, HeartbeatBuffer
+from gateway.heartbeat_buffer import Batch, HeartbeatBuffer, receipts_of
 from gateway.ingest import Rejections
 from gateway.logs import RateLimitedLog
 from gateway.storage.commands import Finished
@@ -36,6 +36,7 @@ class BatchWriter:
         heartbeats: Heartbeats,
         reject: Rejections,
         on_written: Callable[[Sequence[Outcome], Sequence[Finished]], None],
+        done: Callable[[Iterable[int]], None],
         *,
         batch_max: int,
         batch_wait: float,
@@ -44,6 +45,7 @@ class BatchWriter:
         self._heartbeats = heartbeats
         self._reject = reject
         self._on_written = on_written
+        self._done = done  # acknowledges the messages of a batch written or given up
         self._batch_max = batch_max
         self._batch_wait = batch_wait
         self._current: asyncio.Future[None] | None = None  # the batch in hand
@@ -71,6 +73,7 @@ class BatchWriter:
                 self._buffer.done()
                 self._reject("write_error", None, "unexpected error",
                              sum(len(queue) for queue in batch.values()))
+                self._done(receipts_of(batch))
 
     async def drain(self, deadline: float) -> None:
         """Write everything buffered, giving up at the monotonic ``deadline``."""
@@ -102,6 +105,7 @@ class BatchWriter:
             for entry in queue:
                 metrics.HEARTBEAT_LAG.observe(committed - (entry.first_received or entry.received))
         self._on_written(outcomes, finished)
+        self._done(receipts_of(batch))
 
     async def _write_failed(self, batch: Batch, exc: BatchFailed) -> None:
         """A batch PostgreSQL refused: retry a transient failure; isolate a poison one.
@@ -119,6 +123,7 @@ class BatchWriter:
             self._buffer.done()
             ((serial, queue),) = batch.items()
             self._reject("write_error", serial, str(exc), len(queue))
+            self._done(receipts_of(batch))
             return
         serials = list(batch)
         middle = len(serials) // 2

@@ -7,12 +7,12 @@ logged at most 20 times per 10 s.
 
 from __future__ import annotations
 
-import aiomqtt
+from collections.abc import Callable, Iterable
+
 import structlog
 from gateway_codecs import device as wire
 
 from gateway import metrics
-from gateway.edge import message_properties
 from gateway.heartbeat_buffer import HeartbeatBuffer, Pending
 from gateway.logs import RateLimitedLog
 
@@ -39,40 +39,47 @@ class Rejections:
 
 
 class Intake:
-    def __init__(self, topic_prefix: str, buffer: HeartbeatBuffer, reject: Rejections) -> None:
-        """``topic_prefix``: what comes before the serial, ``devices/`` under the prefix."""
+    def __init__(
+        self,
+        topic_prefix: str,
+        buffer: HeartbeatBuffer,
+        reject: Rejections,
+        done: Callable[[Iterable[int]], None],
+    ) -> None:
+        """``topic_prefix``: what comes before the serial, ``devices/`` under the prefix.
+        ``done`` acknowledges messages whose work is over (here: the rejected ones)."""
         self._prefix = topic_prefix
         self._buffer = buffer
         self._reject = reject
+        self._done = done
         self._seconds_log = RateLimitedLog(burst=1, period=60.0)
 
-    def accept(self, message: aiomqtt.Message, received: float) -> None:
+    def accept(self, topic: str, payload: bytes, content_type: str | None, receipt: int,
+               received: float) -> None:
         metrics.HEARTBEATS_RECEIVED.inc()
-        topic = message.topic.value
         serial = topic[len(self._prefix):-len("/heartbeat")]
         if not topic.startswith(self._prefix) or not serial or "/" in serial:
-            self._reject("bad_topic", None, "topic is not devices/{serial}/heartbeat")
+            self._rejected(receipt, "bad_topic", None, "topic is not devices/{serial}/heartbeat")
             return
-        payload = message.payload
-        if not isinstance(payload, bytes | bytearray):
-            payload = b"" if payload is None else str(payload).encode()
-        content_type = None
-        if message.properties is not None:
-            content_type = message_properties(message).get("content_type")
         try:
-            heartbeat = wire.decode_heartbeat(bytes(payload), content_type)
+            heartbeat = wire.decode_heartbeat(payload, content_type)
         except wire.DecodeError as exc:
-            self._reject(exc.reason, serial, str(exc))
+            self._rejected(receipt, exc.reason, serial, str(exc))
             return
         if heartbeat.ts is not None:
             now_ms = received * 1000
             if heartbeat.ts > now_ms + FUTURE_TOLERANCE_MS:
-                self._reject("future_ts", serial, "ts is more than 5 minutes ahead")
+                self._rejected(receipt, "future_ts", serial, "ts is more than 5 minutes ahead")
                 return
             if abs(heartbeat.ts * _SECONDS_FACTOR - now_ms) < 86_400_000:
                 self._warn_seconds(serial, heartbeat.ts)
-        if not self._buffer.add(serial, Pending(heartbeat, received)):
-            self._reject("overflow", serial, "heartbeat buffer is full")
+        if not self._buffer.add(serial, Pending(heartbeat, received, receipts=[receipt])):
+            # Not reached while the buffer's bound is the connection's in-flight window.
+            self._rejected(receipt, "overflow", serial, "heartbeat buffer is full")
+
+    def _rejected(self, receipt: int, reason: str, serial: str | None, message: str) -> None:
+        self._reject(reason, serial, message)
+        self._done((receipt,))
 
     def _warn_seconds(self, serial: str, ts: int) -> None:
         allowed, suppressed = self._seconds_log.allow()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
@@ -95,8 +95,18 @@ REVOCATIONS_QUEUED = Gauge(
 )
 
 
+Exposition = Callable[[], Awaitable[bytes]]
+Healthy = Callable[[], Awaitable[bool]]
+
+
+async def exposition() -> bytes:
+    """This process's metrics in the text format."""
+    return generate_latest()
+
+
 async def _handle(
-    healthy: Callable[[], bool], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    exposition: Exposition, healthy: Healthy,
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 ) -> None:
     try:
         request_line = await asyncio.wait_for(reader.readline(), timeout=5)
@@ -105,9 +115,9 @@ async def _handle(
         parts = request_line.decode("latin-1").split()
         path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
         if path == "/metrics":
-            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, await exposition()
         elif path == "/healthz":
-            ok = healthy()
+            ok = await healthy()
             status = "200 OK" if ok else "503 Service Unavailable"
             ctype, body = "text/plain; charset=utf-8", b"ok\n" if ok else b"unavailable\n"
         else:
@@ -126,9 +136,14 @@ async def _handle(
 
 
 @contextlib.asynccontextmanager
-async def serve(host: str, port: int, healthy: Callable[[], bool]) -> AsyncIterator[asyncio.Server]:
-    """Serve /metrics, and /healthz (200 while ``healthy()``), until the context exits."""
-    server = await asyncio.start_server(functools.partial(_handle, healthy), host, port)
+async def serve(
+    host: str, port: int, exposition: Exposition, healthy: Healthy
+) -> AsyncIterator[asyncio.Server]:
+    """Serve /metrics (``exposition()``) and /healthz (200 while ``healthy()``) until the
+    context exits."""
+    server = await asyncio.start_server(
+        functools.partial(_handle, exposition, healthy), host, port
+    )
     try:
         yield server
     finally:

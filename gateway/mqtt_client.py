@@ -16,14 +16,19 @@ written for exactly the versions in `WRITTEN_FOR` (pinned in ``pyproject.toml``)
   would fail as "reentrant".
 - **Publishing without waiting** (`Client.publish_nowait`): aiomqtt's ``publish`` awaits
   each PUBACK; paho's queues the message and returns at once.
-- **Holding intake** (`Client.hold_acks`, `Client.ack`): paho's manual acknowledgement.
+- **Keepalive on time** (`Client._misc_loop`): aiomqtt lets paho check its keepalive
+  once a second, so a PINGREQ could go out up to a second late; with a short keepalive
+  (the broker drops a client silent for 1.5 times it) that is a spurious disconnect.
+  The check runs four times a second.
+- **Acknowledging when done** (`Client.receipt`, `Client.done`): paho's manual
+  acknowledgement, in arrival order (``gateway.acks``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -32,21 +37,27 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 
+from gateway.acks import NOTHING, AckWindow
+
 WRITTEN_FOR = {"aiomqtt": "2.5.1", "paho-mqtt": "2.2.0"}
 
 # Reading more per event saved no more CPU and let the heartbeat writer's database round
 # trips wait behind long runs (p99 lag over 2 s at 10,000/s with 256).
 READ_RUN = 32
 ACK_RUN = 1024
+MISC_INTERVAL_SECONDS = 0.25
 
 
 class Client(aiomqtt.Client):
     """An aiomqtt client with the tweaks above; use only its public methods."""
 
+    window: AckWindow
+
     async def __aenter__(self) -> Client:
         # A fresh future makes `async with` wait for this connection's CONNACK.
         if self._connected.done():
             self._connected = asyncio.get_running_loop().create_future()
+        self.window.reset()
         await super().__aenter__()
         return self
 
@@ -71,6 +82,10 @@ class Client(aiomqtt.Client):
         """Disconnect if connected; errors are the caller's to ignore."""
         await self.__aexit__(None, None, None)
 
+    async def _misc_loop(self) -> None:
+        while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(MISC_INTERVAL_SECONDS)
+
     def publish_nowait(
         self, topic: str, payload: bytes, properties: Properties | None = None
     ) -> bool:
@@ -86,13 +101,14 @@ class Client(aiomqtt.Client):
         """QoS 1 messages handed to paho and not yet acknowledged by the broker."""
         return len(self._client._out_messages)
 
-    def hold_acks(self, hold: bool) -> None:
-        """Stop (or resume) acknowledging received messages automatically."""
-        self._client.manual_ack_set(hold)
+    def receipt(self, message: aiomqtt.Message) -> int:
+        """The message's receipt, to pass to `done` once its work is done."""
+        return self.window.received(message.mid) if message.qos else NOTHING
 
-    def ack(self, message: aiomqtt.Message) -> None:
-        """Acknowledge one message received while acks are held."""
-        self._client.ack(message.mid, message.qos)
+    def done(self, receipts: Iterable[int]) -> None:
+        """Acknowledge these messages (in arrival order: earlier ones not done wait)."""
+        for packet_id in self.window.done(receipts):
+            self._client.ack(packet_id, 1)
 
 
 def disconnect_reason(exc: BaseException) -> int | None:
@@ -132,6 +148,8 @@ def make_client(
         tls_context=ssl.create_default_context() if tls else None,
         **options,
     )
+    client.window = AckWindow()
+    client._client.manual_ack_set(True)
     read_all_ready(client._client)
     coalesce_acks(client._client)
     return client

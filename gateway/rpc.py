@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ class Incoming:
     reply_to: str | None
     correlation_data: bytes | None
     received: float
+    receipt: int  # acknowledged once answered (or dropped)
 
 
 class Requests:
@@ -55,9 +57,12 @@ class Requests:
         config: Config,
         storage: Storage,
         publisher: Publisher,
+        done: Callable[[Iterable[int]], None],
         access: DeviceAccess | None = None,
     ) -> None:
+        """``done`` acknowledges a request message once it is answered or dropped."""
         self._config = config
+        self._done = done
         self._access = access  # device broker credentials; None without dynamic security
         self._storage = storage
         self._publisher = publisher
@@ -70,16 +75,19 @@ class Requests:
     def in_flight(self) -> int:
         return self._queue.qsize() + self._busy
 
-    def accept(self, message: aiomqtt.Message, received: float) -> None:
+    def accept(self, message: aiomqtt.Message, received: float, receipt: int) -> None:
         props = message_properties(message)
         payload = message.payload if isinstance(message.payload, bytes) else b""
         incoming = Incoming(
-            payload, props.get("response_topic"), props.get("correlation_data"), received
+            payload, props.get("response_topic"), props.get("correlation_data"), received,
+            receipt,
         )
         try:
             self._queue.put_nowait(incoming)
         except asyncio.QueueFull:
+            # Not reached while the queue's bound is the connection's in-flight window.
             self._dropped("overflow", "the request queue is full")
+            self._done((receipt,))
 
     async def worker(self) -> None:
         while True:
@@ -87,17 +95,23 @@ class Requests:
             self._busy += 1
             try:
                 # Shielded: a shutdown lets the request in hand finish and be answered.
-                await asyncio.shield(self.handle(incoming))
-            except Exception:
-                # `handle` answers every error it expects; anything else is a bug, and one
-                # request must not take the worker, and with it the gateway, down.
-                log.exception("request.crashed")
-                metrics.REQUESTS_DROPPED.labels("error").inc()
+                await asyncio.shield(self._answer(incoming))
             finally:
                 self._busy -= 1
                 # An idle worker must not keep its last request alive: 64 workers each
                 # holding a multi-MiB payload is how memory grows under hostile input.
                 del incoming
+
+    async def _answer(self, incoming: Incoming) -> None:
+        try:
+            await self.handle(incoming)
+        except Exception:
+            # `handle` answers every error it expects; anything else is a bug, and one
+            # request must not take the worker, and with it the gateway, down.
+            log.exception("request.crashed")
+            metrics.REQUESTS_DROPPED.labels("error").inc()
+        finally:
+            self._done((incoming.receipt,))
 
     async def drain(self, deadline: float) -> None:
         while self.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll at shutdown

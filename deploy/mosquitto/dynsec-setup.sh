@@ -57,6 +57,9 @@ case "$kind" in
             ctl addRoleACL gateway subscribePattern "$filter" allow
             ctl addRoleACL gateway subscribePattern "\$share/+/$filter" allow
         done
+        # Each gateway connection's own barrier topic, for draining on shutdown.
+        ctl addRoleACL gateway subscribePattern "${p}gateway/barrier/#" allow
+        ctl addRoleACL gateway publishClientSend "${p}gateway/barrier/#" allow
         ctl addRoleACL gateway subscribePattern '$CONTROL/dynamic-security/#' allow
         # The plugin's answers are not covered by the default "receive: allow".
         ctl addRoleACL gateway publishClientReceive '$CONTROL/dynamic-security/#' allow

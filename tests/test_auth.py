@@ -1,4 +1,4 @@
-"""API keys on the request/reply routes (contract §5 Authentication).
+"""API keys on the request/reply routes (docs/protocol.md §5, Authentication).
 
 Every request carries a key in ``authorization: Bearer`` or ``x-api-key``; keys carry the
 ``devices:read`` and ``devices:write`` scopes, are stored only as hashes, and a revocation
@@ -41,8 +41,8 @@ async def new_device(api: Caller, serial: str = "SN-AUTH") -> str:
     return str(body["id"])
 
 
-# Every §6 route but commands (commands are the same auth code path), with a body that
-# would succeed, so that only the key decides the answer.
+# Every docs/protocol.md §6 route but commands (commands are the same auth code path), with
+# a body that would succeed, so that only the key decides the answer.
 def all_routes(device_id: str) -> list[tuple[str, str, Any, str]]:
     return [
         ("POST", "/v1/devices", {"serial_number": "SN-OTHER"}, WRITE),

@@ -1,4 +1,4 @@
-"""The ``gateway`` console script (contract §8), run as a subprocess against the real
+"""The ``gateway`` console script (docs/protocol.md §8), run as a subprocess against the real
 PostgreSQL and Mosquitto."""
 
 from __future__ import annotations
@@ -311,7 +311,8 @@ async def test_database_url_flag_wins_over_the_environment(database_url: str) ->
 
 
 def test_config_comes_from_the_environment_and_flags_win() -> None:
-    """Every §8 variable is read; a flag of the same name overrides it; unset → default."""
+    """Every variable of docs/protocol.md §8 (Configuration) is read; a flag of the same
+    name overrides it; unset → default."""
     environ = {
         "GATEWAY_MQTT_URL": "mqtts://broker.example:8883",
         "GATEWAY_DATABASE_URL": "postgresql://gw@db.example/gateway",

@@ -1,6 +1,6 @@
 """Pure tests of the heartbeat decoder (gateway_codecs.device); no broker, no database.
 
-Contract §2: a heartbeat is a JSON object or a MessagePack map, told apart by the MQTT 5
+docs/protocol.md §2: a heartbeat is a JSON object or a MessagePack map, told apart by the MQTT 5
 content type or the first byte; every field is optional, unknown fields are ignored, and a
 payload that is too large, not JSON/MessagePack, or of wrong types or ranges is rejected
 with a bounded reason.

@@ -1,4 +1,4 @@
-"""Commands: the routes (contract §6) and their delivery to devices over MQTT (§3).
+"""Commands: the routes (docs/protocol.md §6) and their delivery to devices over MQTT (§3).
 
 A command is created pending, sent after every heartbeat (at most 16 per message, oldest
 first) until the device acknowledges it, it expires or it is canceled; terminal states

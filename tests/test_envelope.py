@@ -1,4 +1,4 @@
-"""The request/reply envelope (contract §5): both MQTT versions, malformed input, reply
+"""The request/reply envelope (docs/protocol.md §5): both MQTT versions, malformed input, reply
 topic confinement, and concurrent handling."""
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 outage, a graceful shutdown. Each test measures what happens and prints the figures.
 
 Every test runs its own Mosquitto (and, for the outage, its own PostgreSQL cluster) from
-``processes.py``, never the shared ones. Longer runs, as documented in the README:
+``processes.py``, never the shared ones. Longer runs, as documented in
+docs/operations.md (Reliability):
 
     GATEWAY_FAULT_DB_OUTAGE=30 pytest tests/test_faults.py -k database_outage -s
     GATEWAY_FAULT_DEVICES=10000 pytest tests/test_faults.py -s
@@ -55,7 +56,7 @@ TICKS = 10  # a fleet connection sends a tenth of its devices every tenth of an 
 
 
 def report(fault: str, **figures: Any) -> None:
-    """Print a test's measured figures (the README's Reliability table quotes them)."""
+    """Print a test's measured figures (docs/operations.md, Reliability, quotes them)."""
     print(f"\nFIGURES {fault}: {json.dumps(figures)}")
 
 
@@ -395,7 +396,8 @@ async def test_broker_restart_reconnects_resubscribes_and_converges(
 
 
 class SmartDevice:
-    """A device that runs commands and applies settings, as the contract asks of one.
+    """A device that runs commands and applies settings, as docs/protocol.md §3 and §4
+    ask of one.
 
     Every heartbeat reports the settings version it has applied and acknowledges the
     commands it was sent since the last one; a command sent again (at-least-once) is

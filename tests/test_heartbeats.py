@@ -1,4 +1,4 @@
-"""Heartbeat ingest against a real broker and database (contract §2).
+"""Heartbeat ingest against a real broker and database (docs/protocol.md §2).
 
 Heartbeats land in the devices table; absent fields keep their values; a heartbeat whose
 ``ts`` is not newer never rolls health back but its acks count; rejections are counted by

@@ -1,8 +1,8 @@
 """Hostile input over MQTT into a running gateway (a subprocess, so its memory can be read).
 
-Each payload gets the contract's error or a counted rejection, stored state stays as it
-was, the gateway stays up, and its resident memory does not grow by more than a few MiB
-over repeated rounds.
+Each payload gets the error docs/protocol.md gives it (§5 Errors, §6) or a counted
+rejection (§2 Rejections), stored state stays as it was, the gateway stays up, and its
+resident memory does not grow by more than a few MiB over repeated rounds.
 
 The test broker has Mosquitto's default maximum packet size (the MQTT maximum, 256 MiB),
 so it accepts 1 MiB and 10 MiB payloads from devices. The gateway tells the broker in its
@@ -331,7 +331,7 @@ async def test_hostile_requests_get_contract_errors_and_change_nothing(
 ) -> None:
     """Serials with + # / $ NUL or SQL, NUL in ids, queries and bodies, huge integers,
     oversized, deeply nested, invalid UTF-8 and NaN envelopes, reply topics outside
-    api/v1/replies/: each gets the contract's error (never a 500) or is dropped and
+    api/v1/replies/: each gets its docs/protocol.md §5/§6 error (never a 500) or is dropped and
     counted; nothing is written; the gateway stays up with its memory bounded."""
     async with hostile_setup(config, topic_prefix) as run:
         status, device = await run.caller.call(

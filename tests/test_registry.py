@@ -1,4 +1,5 @@
-"""The device registry over MQTT request/reply: every route of contract §6 but commands.
+"""The device registry over MQTT request/reply: every route of docs/protocol.md §6 but
+commands.
 
 Real PostgreSQL and Mosquitto; each test has its own database and topic prefix.
 """
@@ -16,8 +17,8 @@ from test_settings_schema import EXPECTED_DEFAULTS
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
-# Contract §7, written out so that a change to the defaults fails here.
-# The contract's §7 defaults, written out once in the settings schema tests.
+# The defaults of docs/protocol.md §7, written out once in the settings schema tests, so
+# that a change to the defaults fails here.
 DEFAULT_SETTINGS: dict[str, Any] = EXPECTED_DEFAULTS
 
 # Strings that break naively built SQL, JSON or shell text.

@@ -1,4 +1,4 @@
-"""Settings sync over MQTT (contract §2, §4): a heartbeat reporting an old settings_version
+"""Settings sync over MQTT (docs/protocol.md §2, §4): a heartbeat reporting an old settings_version
 gets a minimal RFC 7396 merge patch from that version, or the full document where the
 gateway does not know the version (0, pruned from history, never issued)."""
 

@@ -3,6 +3,14 @@
 Each test gets its own database (cloned from a migrated template) and its own topic
 prefix, so tests run in any order against the shared local broker. Set
 ``GATEWAY_TEST_PG`` / ``GATEWAY_TEST_MQTT`` to point them elsewhere.
+
+Markers (the default run runs every test, marked or not):
+
+- ``fault``: the test starts a broker, database or gateway process of its own, or breaks
+  one (stops, kills, hangs or drops it);
+- ``slow``: the test takes more than about 5 s.
+
+For a quick local run, leave them out: ``pytest -m "not fault and not slow"``.
 """
 
 from __future__ import annotations
@@ -35,6 +43,14 @@ TEMPLATE = f"gw_test_template_{os.getpid()}"
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 logs.configure("console", "warning")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fault: starts a broker, database or gateway process of its own, or breaks "
+        "one (stop, kill, hang, drop); leave out with -m 'not fault'")
+    config.addinivalue_line(
+        "markers", "slow: takes more than about 5 s; leave out with -m 'not slow'")
 
 
 def free_port() -> int:

@@ -26,9 +26,13 @@ DEVICES = 10_000
 RATE = 1_000
 SECONDS = 20
 
-pytestmark = pytest.mark.skipif(
-    not Path("/usr/sbin/mosquitto").exists(), reason="the benchmark starts its own Mosquitto"
-)
+pytestmark = [
+    pytest.mark.skipif(not Path("/usr/sbin/mosquitto").exists(),
+                       reason="the benchmark starts its own Mosquitto"),
+    # Its own broker, gateway process and database, for 20 s and more.
+    pytest.mark.fault,
+    pytest.mark.slow,
+]
 
 
 async def _drop(name: str) -> None:

@@ -48,6 +48,9 @@ from gateway.config import Config
 from gateway.storage import Storage, migrate
 from gateway.storage.heartbeats import HeartbeatColumns
 
+# Every test here starts a broker (and a database or gateway process) of its own and breaks it.
+pytestmark = pytest.mark.fault
+
 DEVICES = int(os.environ.get("GATEWAY_FAULT_DEVICES", "1000"))
 INTERVAL = float(os.environ.get("GATEWAY_FAULT_INTERVAL", "1.0"))  # seconds between heartbeats
 DB_OUTAGE = float(os.environ.get("GATEWAY_FAULT_DB_OUTAGE", "8"))  # the long run: 30
@@ -288,6 +291,7 @@ def record_heartbeats(gateway: Any) -> set[tuple[str, int]]:
 # ---- 1. broker restarts -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_broker_restart_reconnects_resubscribes_and_converges(
     config: Config, db: asyncpg.Connection, topic_prefix: str, sig: signal.Signals
@@ -460,6 +464,7 @@ class SmartDevice:
                 self.settings_version = max(self.settings_version, document["version"])
 
 
+@pytest.mark.slow
 async def test_gateway_killed_mid_load_converges_and_keeps_commands(
     config: Config, db: asyncpg.Connection, topic_prefix: str
 ) -> None:
@@ -784,6 +789,7 @@ async def test_shutdown_ends_while_the_broker_hangs(config: Config) -> None:
 # ---- 3. database outage -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_hung_database_is_answered_503_at_once_after_one_timeout(
     config: Config, topic_prefix: str
 ) -> None:
@@ -852,6 +858,7 @@ async def test_a_hung_database_is_answered_503_at_once_after_one_timeout(
 
 
 
+@pytest.mark.slow
 async def test_database_outage_answers_503_at_once_bounds_memory_and_catches_up(
     config: Config, topic_prefix: str
 ) -> None:

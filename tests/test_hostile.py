@@ -26,6 +26,7 @@ from typing import Any
 import aiomqtt
 import asyncpg
 import msgspec
+import pytest
 from conftest import create_key
 from processes import (
     GatewayProcess,
@@ -39,6 +40,9 @@ from processes import (
 
 from gateway import auth
 from gateway.config import Config
+
+# Each test starts a broker and a gateway process of its own, and stops them.
+pytestmark = pytest.mark.fault
 
 SERIAL = "SN-HOSTILE-1"
 MIB = 1024 * 1024
@@ -326,6 +330,7 @@ def hostile_envelopes() -> list[tuple[str, bytes, int | None]]:
     ]
 
 
+@pytest.mark.slow
 async def test_hostile_requests_get_contract_errors_and_change_nothing(
     config: Config, db: asyncpg.Connection, topic_prefix: str
 ) -> None:

@@ -340,15 +340,6 @@ class Device:
     async def next(queue: asyncio.Queue[dict[str, Any]], timeout: float = 5) -> dict[str, Any]:
         return await asyncio.wait_for(queue.get(), timeout)
 
-    @staticmethod
-    async def nothing(queue: asyncio.Queue[dict[str, Any]], wait: float = 0.5) -> bool:
-        """True when nothing arrives on ``queue`` within ``wait`` seconds."""
-        try:
-            await asyncio.wait_for(queue.get(), wait)
-        except TimeoutError:
-            return True
-        return False
-
 
 @contextlib.asynccontextmanager
 async def device(prefix: str, serial: str) -> AsyncIterator[Device]:

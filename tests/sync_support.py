@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from conftest import Caller, device
+from conftest import Caller, device, wait_for
 from gateway_codecs import settings as settings_schema
 from prometheus_client import REGISTRY
 
@@ -35,6 +35,29 @@ def metric(name: str, **labels: str) -> float:
 
 def rejected(reason: str) -> float:
     return metric("gateway_heartbeats_rejected_total", reason=reason)
+
+
+def handled() -> float:
+    """Heartbeats the in-process gateway is done with: applied, stale, superseded or
+    rejected (received = applied + stale + superseded + rejected).
+
+    A barrier for what a heartbeat did not cause: the gateway counts a written heartbeat
+    and queues its answer for the broker in one call (`DeviceReplies.written`), so once a
+    heartbeat is counted here, any answer it got is already on its way, ahead of every
+    answer to a later heartbeat.
+    """
+    total = sum(metric(f"gateway_heartbeats_{outcome}_total")
+                for outcome in ("applied", "stale", "superseded"))
+    for family in REGISTRY.collect():
+        if family.name == "gateway_heartbeats_rejected":
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
+async def settled(before: float, count: int = 1) -> None:
+    """Wait until ``count`` heartbeats more than ``before`` (a `handled()` reading) are
+    handled."""
+    await wait_for(lambda: handled() >= before + count)
 
 
 async def register(api: Caller, serial: str, **fields: Any) -> dict[str, Any]:

@@ -268,9 +268,11 @@ async def test_reply_topic_outside_the_replies_prefix_gets_no_reply(
                 envelope("POST", "/v1/devices", api.key, body),
                 qos=1, properties=v5_properties(topic, str(n).encode()))
         await wait_for(lambda: dropped("bad_reply_topic") >= before + 2 * len(bad_topics))
-        # A well-formed request afterwards is answered; by then the bad ones are done.
+        # A well-formed request afterwards is answered; by then the bad ones are done. Its
+        # reply is the barrier: the sniffer sees it behind anything the gateway published
+        # before it (one connection each way, in order).
         assert (await api.call("GET", "/v1/devices"))[0] == 200
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: any(t == api.reply_topic for t, _ in sniffer.seen))
     requests_topic = f"{topic_prefix}/api/v1/requests"
     stray = [(t, p[:80]) for t, p in sniffer.seen
              if t != requests_topic and t != api.reply_topic]

@@ -18,6 +18,7 @@ import asyncpg
 import msgspec
 import pytest
 from conftest import MQTT_HOST, MQTT_PORT, Caller, wait_for
+from gateway_codecs import settings as settings_schema
 from gateway_codecs.device import Heartbeat, RecordingState
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,12 +28,14 @@ from sync_support import (
     HEALTH_COLUMNS,
     command_row,
     device_row,
+    handled,
     insert_devices,
     metric,
     now_ms,
     publish_burst,
     register,
     rejected,
+    settled,
     sim_device,
 )
 
@@ -67,6 +70,10 @@ async def applied(db: asyncpg.Connection, serial: str, ts: int) -> dict[str, Any
 
 def health(row: dict[str, Any]) -> dict[str, Any]:
     return {name: row[name] for name in HEALTH_COLUMNS}
+
+
+def ids(batch: dict[str, Any]) -> list[str]:
+    return [command["id"] for command in batch["commands"]]
 
 
 # --- landing in the table --------------------------------------------------------------
@@ -215,15 +222,23 @@ async def test_heartbeat_not_newer_keeps_health_but_processes_acks(
         await wait_for(acked)
         # Counted once the batch is committed (or when it arrives behind a newer one).
         await wait_for(lambda: metric("gateway_heartbeats_stale_total") == stale_before + 1)
-        # Not applied, so not answered either: no settings update, no commands.
-        assert await dev.nothing(dev.settings, 0.3)
+        after = await device_row(db, "SN-HB-STALE")
+        assert after is not None
+        assert health(after) == health(before) == FULL
+        assert after["last_ts"] == ts
+        assert after["last_heartbeat_at"] == before["last_heartbeat_at"]
+        assert after["applied_version"] == before["applied_version"]
+        # Not applied, so not answered either: no settings update, no commands. Barrier: after
+        # a settings write (version 2), a newer heartbeat reporting version 1 gets the patch
+        # to 2, on the same topic and behind anything the stale one got (that would be
+        # version 1: it reported 0 before the write).
+        status, _ = await api.call("PATCH", f"/v1/devices/{created['id']}/settings",
+                                   {"audio": {"codec": "aac"}})
+        assert status == 200
+        await dev.heartbeat({"ts": ts + 1, "settings_version": 1})
+        update = await dev.next(dev.settings)
+        assert (update["version"], update["base_version"]) == (2, 1)
         assert dev.commands.empty()
-    after = await device_row(db, "SN-HB-STALE")
-    assert after is not None
-    assert health(after) == health(before) == FULL
-    assert after["last_ts"] == ts
-    assert after["last_heartbeat_at"] == before["last_heartbeat_at"]
-    assert after["applied_version"] == before["applied_version"]
 
 
 async def test_duplicate_heartbeat_is_harmless(
@@ -252,6 +267,7 @@ async def test_late_heartbeat_in_the_same_batch_does_not_overwrite(
     await gateway.storage.devices.register(new_id("dev_"), "SN-HB-LATE", None, None, None)
     ts = now_ms()
     received = time.time()
+    before = handled()
     # Both are buffered before the writer runs: one batch, two heartbeats of one device.
     gateway.buffer.add("SN-HB-LATE", Pending(Heartbeat(ts=ts, battery_percent=90), received))
     gateway.buffer.add("SN-HB-LATE", Pending(
@@ -259,8 +275,8 @@ async def test_late_heartbeat_in_the_same_batch_does_not_overwrite(
                   signal_strength_dbm=-120, settings_version=3),
         received,
     ))
-    row = await applied(db, "SN-HB-LATE", ts)
-    await asyncio.sleep(0.05)
+    await applied(db, "SN-HB-LATE", ts)
+    await settled(before, 2)  # the late one too: applied, stale or rejected by now
     row = await device_row(db, "SN-HB-LATE")
     assert row is not None
     assert row["battery_percent"] == 90
@@ -344,12 +360,18 @@ async def test_rejected_heartbeat_is_counted_and_changes_nothing(
         count = rejected(reason)
         await dev.heartbeat(payload({"id": command["id"], "status": "succeeded"}))
         await wait_for(lambda: rejected(reason) == count + 1)
-        assert await dev.nothing(dev.commands, 0.2)
-        assert dev.settings.empty()
-        # The gateway goes on: the next good heartbeat is applied and answered.
+        # The gateway goes on: the next good heartbeat is applied and answered. Its answer
+        # is also the barrier for the rejected one, which got nothing: it comes on the same
+        # topic behind anything that got, and carries a command created only now.
+        status, later = await api.call("POST", f"/v1/devices/{created['id']}/commands",
+                                       {"type": "later"})
+        assert status == 201
         await dev.heartbeat({"ts": ts + 1, "battery_percent": 55})
         after = await applied(db, "SN-HB-REJ", ts + 1)
-        assert (await dev.next(dev.commands))["commands"][0]["id"] == command["id"]
+        batch = await dev.next(dev.commands)
+        assert batch["commands"][0]["id"] == command["id"]
+        assert ids(batch) == [command["id"], later["id"]]
+        assert dev.settings.empty()
     assert {**before, "battery_percent": 55, "last_ts": ts + 1,
             "last_heartbeat_at": after["last_heartbeat_at"]} == after
     stored = await command_row(db, command["id"])
@@ -365,9 +387,19 @@ async def test_heartbeat_of_unknown_serial_is_rejected_and_creates_nothing(
     async with sim_device(topic_prefix, "SN-HB-NOBODY") as dev:
         await dev.heartbeat({"ts": now_ms(), **FULL, "settings_version": 0})
         await wait_for(lambda: rejected("unknown_device") == count + 1)
-        assert await dev.nothing(dev.settings, 0.2)
-    assert await db.fetchval("SELECT count(*) FROM devices") == devices
-    assert await device_row(db, "SN-HB-NOBODY") is None
+        assert await db.fetchval("SELECT count(*) FROM devices") == devices
+        assert await device_row(db, "SN-HB-NOBODY") is None
+        # Barrier: registered now, with its settings at version 2, the serial's next
+        # heartbeat reporting version 1 gets the patch to 2 on the same topic, behind
+        # anything the rejected heartbeat got.
+        device_id = new_id("dev_")
+        await gateway.storage.devices.register(device_id, "SN-HB-NOBODY", None, None, None)
+        await gateway.storage.settings.write(
+            device_id, None,
+            lambda current: settings_schema.patch(current, {"audio": {"codec": "aac"}}))
+        await dev.heartbeat({"ts": now_ms(), "settings_version": 1})
+        update = await dev.next(dev.settings)
+        assert (update["version"], update["base_version"]) == (2, 1)
 
 
 async def test_heartbeat_of_deleted_device_is_rejected_and_changes_nothing(
@@ -390,10 +422,18 @@ async def test_heartbeat_of_deleted_device_is_rejected_and_changes_nothing(
         await dev.heartbeat({"ts": ts + 1, "battery_percent": 2, "settings_version": 0,
                              "acks": [{"id": command["id"], "status": "failed"}]})
         await wait_for(lambda: rejected("deleted_device") == count + 1)
-        assert await dev.nothing(dev.commands, 0.2)
+        assert await device_row(db, "SN-HB-DEL") == before
+        assert (await command_row(db, command["id"]))["status"] == "delivered"
+        # Barrier: restored, the device's next heartbeat is answered on the same topic,
+        # behind anything the rejected one got, with a command created only now.
+        status, _ = await api.call("POST", f"/v1/devices/{created['id']}/restore")
+        assert status == 200
+        status, later = await api.call("POST", f"/v1/devices/{created['id']}/commands",
+                                       {"type": "later"})
+        assert status == 201
+        await dev.heartbeat({"ts": ts + 2, "battery_percent": 3})
+        assert ids(await dev.next(dev.commands)) == [command["id"], later["id"]]
         assert dev.settings.empty()
-    assert await device_row(db, "SN-HB-DEL") == before
-    assert (await command_row(db, command["id"]))["status"] == "delivered"
 
 
 async def test_heartbeat_within_five_minutes_ahead_is_accepted(

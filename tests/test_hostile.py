@@ -19,7 +19,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +130,12 @@ class Running:
         counts["stale"] = samples.get("gateway_heartbeats_stale_total", 0.0)
         return counts
 
+    async def requests_handled(self) -> float:
+        """Requests the gateway answered or dropped."""
+        return sum(value for name, value in (await self.metrics()).items()
+                   if name.startswith(("gateway_requests_total{",
+                                       "gateway_requests_dropped_total{")))
+
     async def rss(self) -> float:
         """The gateway's RSS once it has settled (the lowest of a few readings)."""
         readings = []
@@ -214,7 +220,13 @@ async def test_hostile_heartbeats_are_counted_and_change_nothing(
                     return received - received0 >= n * per
 
                 await _until(processed, 30)
-                await asyncio.sleep(0.3)  # let the last of them be decoded and counted
+
+                async def counted(n: int = round_no + 1) -> bool:
+                    counts = await run.rejected()  # stale and unknown_device: after a write
+                    return all(counts.get(reason, 0) - counts0.get(reason, 0) >= n * k
+                               for reason, k in expected.items())
+
+                await _until(counted)
                 rss.append(await run.rss())
             elapsed = time.monotonic() - started
             counts = await run.rejected()
@@ -253,6 +265,10 @@ async def test_hostile_heartbeats_are_counted_and_change_nothing(
     assert rss[-1] - rss[0] <= RSS_GROWTH_LIMIT_MIB, figures
     assert rss[-1] - rss_start <= 2 * RSS_GROWTH_LIMIT_MIB, figures
     assert device["serial_number"] == SERIAL
+
+
+async def _at_least(value: Awaitable[float], least: float) -> bool:
+    return await value >= least
 
 
 async def _until(predicate: Any, within: float = 10.0) -> None:
@@ -353,15 +369,20 @@ async def test_hostile_requests_get_contract_errors_and_change_nothing(
         rss_start = await run.rss()
         rss: list[float] = []
         outcomes: dict[str, Any] = {}
+        discarded: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        handled_before = await run.requests_handled()
         async with aiomqtt.Client("127.0.0.1", run.broker.port) as spy:
             await spy.subscribe(f"{topic_prefix}/devices/#", qos=1)
             await spy.subscribe("api/v1/replies/#", qos=1)
+            await spy.subscribe(run.caller.reply_topic, qos=1)  # for the barrier below
             for _ in range(ROUNDS):
                 for name, (method, path, body, query), _, _ in cases:
                     outcomes[name] = await run.caller.call(method, path, body, query=query)
                 for name, payload, status in envelopes:
-                    reply = await wait_reply(run.caller.send_raw(payload),
-                                             10 if status else 1)
+                    if status is None:  # never answered: see the barrier below
+                        discarded[name] = run.caller.send_raw(payload)
+                        continue
+                    reply = await wait_reply(run.caller.send_raw(payload), 10)
                     outcomes[name] = reply and (reply["status"], reply.get("body"))
                 for reply_to in ("api/v1/replies/#", f"{topic_prefix}/api/v1/replies/+",
                                  f"{topic_prefix}/devices/{SERIAL}/commands", "elsewhere"):
@@ -373,12 +394,26 @@ async def test_hostile_requests_get_contract_errors_and_change_nothing(
                 b'{"method":"GET","path":"/nowhere","path":"/v1/devices/%s",'
                 b'"headers":{"authorization":"Bearer %s"}}'
                 % (device["id"].encode(), run.caller.key.encode())), 10)
-            await asyncio.sleep(0.5)
+            # Barrier, by the gateway's counters: every request it got is answered or
+            # dropped (the bad reply topics included), and the ones the broker discarded
+            # would come on top.
+            sent = ROUNDS * (len(cases) + len(envelopes) - len(discarded) + 4) + 1
+            await _until(lambda: _at_least(run.requests_handled(), handled_before + sent))
+            # Then one more request: its reply comes to the caller (and the spy) behind
+            # every reply and every leak the gateway published before it.
+            barrier = run.caller.send("GET", "/v1/devices")
+            await asyncio.wait_for(barrier, 10)
+            for name, future in discarded.items():
+                reply = future.result() if future.done() else None
+                outcomes[name] = reply and (reply["status"], reply.get("body"))
             leaked = []
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    async for message in spy.messages:
+            async with asyncio.timeout(10):
+                async for message in spy.messages:
+                    if message.topic.value != run.caller.reply_topic:
                         leaked.append(message.topic.value)
+                    elif msgspec.json.decode(message.payload).get("correlation_id") == \
+                            barrier.result()["correlation_id"]:
+                        break
         samples = await run.metrics()
         after, row_after = await counts(), await device_row(db)
 

@@ -12,7 +12,7 @@ from gateway_codecs import settings as settings_schema
 from gateway_codecs.settings import merge_patch_apply, merge_patch_diff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sync_support import metric, now_ms, register, sim_device
+from sync_support import handled, metric, now_ms, register, settled, sim_device
 
 from gateway.app import Gateway
 from gateway.storage.settings import HISTORY_KEEP as SETTINGS_HISTORY_KEEP
@@ -44,6 +44,30 @@ async def report(dev: Device, clock: Clock, version: int | None, **fields: Any) 
     if version is not None:
         body["settings_version"] = version
     await dev.heartbeat(body)
+
+
+async def handled_report(dev: Device, clock: Clock, version: int | None, **fields: Any) -> None:
+    """`report`, and wait until the gateway is done with the heartbeat (see `handled`)."""
+    before = handled()
+    await report(dev, clock, version, **fields)
+    await settled(before)
+
+
+async def nothing_sent_before(api: Caller, dev: Device, clock: Clock, device_id: str) -> None:
+    """Assert that the heartbeats handled so far got no SettingsUpdate since the device
+    last read its queue.
+
+    The barrier: a write now (version N+1), then a heartbeat reporting N, gets the patch
+    from N to N+1 on the same topic, behind anything the earlier heartbeats got. None of
+    those can carry N+1: they were answered before the write.
+    """
+    current = (await read_settings(api, device_id))["version"]
+    written = await write(api, "PATCH", device_id,
+                          {"power": {"auto_sleep_minutes": 1 + current % 1000}})
+    assert written["version"] == current + 1
+    await report(dev, clock, current)
+    update = await dev.next(dev.settings)
+    assert (update["version"], update["base_version"]) == (current + 1, current)
 
 
 async def read_settings(api: Caller, device_id: str) -> dict[str, Any]:
@@ -125,10 +149,11 @@ async def test_up_to_date_device_gets_nothing(api: Caller, topic_prefix: str) ->
     """Reporting the current version sends no SettingsUpdate."""
     dev = await register(api, "SN-SET-CURRENT")
     await write(api, "PATCH", dev["id"], {"upload": {"allow_roaming": True}})
+    clock = Clock()
     async with sim_device(topic_prefix, "SN-SET-CURRENT") as sim:
-        await report(sim, Clock(), 2)
-        assert await sim.nothing(sim.settings, 0.5)
-    assert (await read_settings(api, dev["id"]))["applied_version"] == 2
+        await handled_report(sim, clock, 2)
+        assert (await read_settings(api, dev["id"]))["applied_version"] == 2
+        await nothing_sent_before(api, sim, clock, dev["id"])
 
 
 async def test_heartbeat_without_settings_version_gets_nothing(
@@ -137,10 +162,11 @@ async def test_heartbeat_without_settings_version_gets_nothing(
     """No settings_version, no SettingsUpdate, even when the device is behind."""
     dev = await register(api, "SN-SET-NONE")
     await write(api, "PATCH", dev["id"], {"upload": {"allow_roaming": True}})
+    clock = Clock()
     async with sim_device(topic_prefix, "SN-SET-NONE") as sim:
-        await report(sim, Clock(), None, battery_percent=50)
-        assert await sim.nothing(sim.settings, 0.5)
-    assert (await read_settings(api, dev["id"]))["applied_version"] == 0
+        await handled_report(sim, clock, None, battery_percent=50)
+        assert (await read_settings(api, dev["id"]))["applied_version"] == 0
+        await nothing_sent_before(api, sim, clock, dev["id"])
 
 
 async def test_applied_version_is_recorded(api: Caller, topic_prefix: str) -> None:
@@ -153,11 +179,11 @@ async def test_applied_version_is_recorded(api: Caller, topic_prefix: str) -> No
         update = await sim.next(sim.settings)
         assert update["version"] == 2
         assert (await read_settings(api, dev["id"]))["applied_version"] == 1
-        await report(sim, clock, update["version"])
-        assert await sim.nothing(sim.settings, 0.3)
-    body = await read_settings(api, dev["id"])
-    assert body["applied_version"] == 2
-    assert body["version"] == 2 and body["settings"] == v2["settings"]
+        await handled_report(sim, clock, update["version"])
+        body = await read_settings(api, dev["id"])
+        assert body["applied_version"] == 2
+        assert body["version"] == 2 and body["settings"] == v2["settings"]
+        await nothing_sent_before(api, sim, clock, dev["id"])
 
 
 async def test_version_pruned_from_history_gets_the_full_document(
@@ -210,13 +236,15 @@ async def test_stale_heartbeat_gets_no_settings_update(api: Caller, topic_prefix
     """A heartbeat whose ts is not newer is not applied, so it is not answered."""
     dev = await register(api, "SN-SET-STALE")
     await write(api, "PATCH", dev["id"], {"audio": {"codec": "pcm"}})
+    clock = Clock()
     async with sim_device(topic_prefix, "SN-SET-STALE") as sim:
-        ts = now_ms()
-        await sim.heartbeat({"ts": ts, "settings_version": 2})
-        assert await sim.nothing(sim.settings, 0.3)
-        await sim.heartbeat({"ts": ts, "settings_version": 1})
-        assert await sim.nothing(sim.settings, 0.4)
-    assert (await read_settings(api, dev["id"]))["applied_version"] == 2
+        ts = clock()
+        for version in (2, 1):  # the second one has the same ts: stale
+            before = handled()
+            await sim.heartbeat({"ts": ts, "settings_version": version})
+            await settled(before)
+        assert (await read_settings(api, dev["id"]))["applied_version"] == 2
+        await nothing_sent_before(api, sim, clock, dev["id"])
 
 
 # --- property: the patch is merge_patch_diff(a, b) --------------------------------------

@@ -385,7 +385,7 @@ class HealthLog:
                 metrics.get("gateway_mqtt_connected", -1.0),
                 metrics.get("gateway_database_connected", -1.0),
             ))
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval)  # the sampling period
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="health-log")
@@ -520,7 +520,7 @@ class RequestClient:
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError from exc
                 self.connected.clear()
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # a caller's pause before it reconnects
 
     async def __aenter__(self) -> RequestClient:
         self._task = asyncio.create_task(self._run(), name="request-client")

@@ -141,7 +141,7 @@ class Running:
         readings = []
         for _ in range(5):
             readings.append(rss_mib(self.gateway.pid))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # readings spread over half a second
         return min(readings)
 
 

@@ -301,7 +301,7 @@ async def test_pagination_has_no_gaps_or_repeats_while_devices_are_added(api: Ca
         if not page["has_more"]:
             break
         after = page["data"][-1]["id"]
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # paging at a pace that lets the adder interleave
     await adder
     assert len(seen) == len(set(seen)), "a device appeared twice"
     assert initial <= set(seen), "a device that existed at the start was skipped"
@@ -358,7 +358,7 @@ async def test_patch_firmware_version_keeps_everything_else(api: Caller) -> None
     """PATCH firmware_version changes it (and updated_at) and leaves metadata and binding."""
     created = await register(api, "SN-FW", firmware_version="1.0", metadata={"a": 1})
     await api.call("POST", f"/v1/devices/{created['id']}/bind", {"end_user_id": "eu_fw"})
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0.005)  # a clock tick, so a timestamp rewritten now would differ
     status, body = await api.call("PATCH", f"/v1/devices/{created['id']}",
                                   {"firmware_version": "2.0"})
     assert status == 200
@@ -395,7 +395,7 @@ async def test_patch_metadata_value_of_another_json_type_is_a_change(api: Caller
 async def test_patch_with_nothing_changed_keeps_updated_at(api: Caller) -> None:
     """A PATCH that changes nothing leaves the device, updated_at included, as it was."""
     created = await register(api, "SN-NOOP", firmware_version="1.0", metadata={"a": 1})
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0.005)  # a clock tick, so a timestamp rewritten now would differ
     for patch in ({}, {"firmware_version": "1.0"}, {"metadata": {"a": 1}}):
         assert await api.call("PATCH", f"/v1/devices/{created['id']}", patch) == (200, created)
 
@@ -451,7 +451,7 @@ async def test_restore_returns_the_device_as_it_was_before_the_delete(api: Calle
     await api.call("PATCH", f"/v1/devices/{device_id}/settings", {"audio": {"codec": "aac"}})
     _, before = await api.call("GET", f"/v1/devices/{device_id}")
     _, settings_before = await api.call("GET", f"/v1/devices/{device_id}/settings")
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0.005)  # a clock tick, so a timestamp rewritten now would differ
     await api.call("DELETE", f"/v1/devices/{device_id}")
     status, restored = await api.call("POST", f"/v1/devices/{device_id}/restore")
     assert status == 200
@@ -481,7 +481,7 @@ async def test_bind_to_the_same_user_again_is_200_unchanged(api: Caller) -> None
     created = await register(api, "SN-BIND2")
     _, bound = await api.call("POST", f"/v1/devices/{created['id']}/bind",
                               {"end_user_id": "eu_same"})
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0.005)  # a clock tick, so a timestamp rewritten now would differ
     assert await api.call("POST", f"/v1/devices/{created['id']}/bind",
                           {"end_user_id": "eu_same"}) == (200, bound)
 

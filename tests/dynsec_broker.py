@@ -98,6 +98,7 @@ def dynsec_broker(topic_prefix: str) -> Iterator[DynsecBroker]:
     config = directory / "mosquitto.conf"
     config.write_text(
         f"listener {broker.port} {HOST}\n"
+        "set_tcp_nodelay true\n"  # as deploy/mosquitto/mosquitto.conf
         # Started as root, mosquitto would become the mosquitto user and lose the files.
         f"user {getpass.getuser()}\n"
         "allow_anonymous false\n"

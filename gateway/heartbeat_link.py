@@ -37,7 +37,9 @@ log = structlog.get_logger("gateway.heartbeat_link")
 
 OnPublish = Callable[[str, bytes, "str | None", int, float], None]
 CONNECT_TIMEOUT_SECONDS = 10.0
-MAXIMUM_PACKET_BYTES = 1024 * 1024
+# The largest packet the broker may send this link: larger heartbeats than 64 KiB are read
+# and counted as too_large; past this the broker discards them unseen.
+MAXIMUM_PACKET_BYTES = 4 * 1024 * 1024 + 64 * 1024
 
 
 class LinkError(Exception):

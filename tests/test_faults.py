@@ -295,17 +295,18 @@ async def wait_converged(conn: asyncpg.Connection, want: dict[str, int],
 
 
 def record_heartbeats(gateway: Any) -> set[tuple[str, int]]:
-    """Every (serial, ts) the in-process gateway's edge hands to the heartbeat pipeline."""
+    """Every (serial, ts) the in-process gateway's heartbeat link hands to the pipeline."""
     received: set[tuple[str, int]] = set()
-    inner = gateway.edge._on_heartbeat
+    inner = gateway.intake.accept
 
-    def record(message: aiomqtt.Message, at: float) -> None:
-        serial = message.topic.value.rsplit("/", 2)[-2]
+    def record(topic: str, payload: bytes, content_type: str | None, receipt: int,
+               at: float) -> None:
+        serial = topic.rsplit("/", 2)[-2]
         with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError):
-            received.add((serial, msgspec.json.decode(message.payload)["ts"]))
-        inner(message, at)
+            received.add((serial, msgspec.json.decode(payload)["ts"]))
+        inner(topic, payload, content_type, receipt, at)
 
-    gateway.edge._on_heartbeat = record
+    gateway.intake.accept = record
     return received
 
 

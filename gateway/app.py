@@ -18,6 +18,7 @@ from gateway.heartbeat_buffer import HeartbeatBuffer
 from gateway.heartbeat_link import HeartbeatLink
 from gateway.heartbeat_writer import BatchWriter
 from gateway.ingest import Intake, Rejections
+from gateway.reconnect import Peers
 from gateway.rpc import Requests
 from gateway.storage import Storage
 from gateway.storage.commands import Finished
@@ -35,7 +36,8 @@ class Gateway:
         self.config = config
         self.storage = storage
         self.health = storage.db.health
-        self.edge = Edge(config, self.health)
+        peers = Peers()  # the process's connections to the broker
+        self.edge = Edge(config, self.health, peers)
         publisher = self.edge.publisher
         # Device broker credentials, with Mosquitto's dynamic security plugin only.
         self.control = dynsec.Control(publisher, self.edge.connected) if config.dynsec else None
@@ -54,6 +56,7 @@ class Gateway:
             receive_maximum=config.heartbeat_window,
             keepalive=config.mqtt_keepalive_seconds,
             on_publish=lambda *message: self.intake.accept(*message),
+            peers=peers,
         )
         self.intake = Intake(config.topic("devices/"), self.buffer, reject, self.link.done)
         self.replies = DeviceReplies(config, publisher, reject, self._finished)

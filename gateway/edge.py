@@ -32,7 +32,7 @@ from gateway.config import Config
 from gateway.health import Health
 from gateway.mqtt_client import Client, disconnect_reason, make_client
 from gateway.publisher import Publisher
-from gateway.reconnect import Reconnects
+from gateway.reconnect import Peers, Reconnects
 
 log = structlog.get_logger("gateway.edge")
 
@@ -50,7 +50,7 @@ MAX_PACKET_BYTES = REPLY_SCAN_BYTES + 64 * 1024
 class Edge:
     """Owns the request connection. Also the publisher's client (`publisher`)."""
 
-    def __init__(self, config: Config, health: Health) -> None:
+    def __init__(self, config: Config, health: Health, peers: Peers) -> None:
         self._config = config
         self._health = health
         self.client_id = config.connection_id("requests")
@@ -67,7 +67,7 @@ class Edge:
         # The client lives as long as the edge, so publishing works from the start.
         self.publisher = Publisher(self._client)
         self._task: asyncio.Task[None] | None = None
-        self._reconnects = Reconnects(self.client_id, "requests")
+        self._reconnects = Reconnects(self.client_id, "requests", peers)
 
     def handle(self, *, requests: Handler, control: ControlHandler | None) -> None:
         """Who gets the messages; set before connecting. ``control`` receives the dynamic
@@ -162,7 +162,7 @@ class Edge:
             while True:
                 with contextlib.suppress(aiomqtt.MqttError):
                     await self._client.disconnect()
-                await asyncio.sleep(self._reconnects.next_wait())
+                await self._reconnects.pause()
                 try:
                     await self._connect()
                 except aiomqtt.MqttError as exc:

@@ -31,7 +31,7 @@ import structlog
 from gateway import mqtt_packets as packets
 from gateway.acks import NOTHING, AckWindow
 from gateway.config import MqttEndpoint
-from gateway.reconnect import Reconnects
+from gateway.reconnect import Peers, Reconnects
 
 log = structlog.get_logger("gateway.heartbeat_link")
 
@@ -170,6 +170,7 @@ class HeartbeatLink:
         receive_maximum: int,
         keepalive: int,
         on_publish: OnPublish,
+        peers: Peers,
     ) -> None:
         """``topic``: the (maybe shared) heartbeat subscription. ``barrier_topic``: a topic
         of this link's own, for `drain`. ``persistent``: keep the session (and what the
@@ -191,7 +192,7 @@ class HeartbeatLink:
         self._packet_ids = 0
         self._barrier: asyncio.Future[None] | None = None
         self._held = False
-        self._reconnects = Reconnects(client_id, "heartbeats")
+        self._reconnects = Reconnects(client_id, "heartbeats", peers)
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -267,7 +268,7 @@ class HeartbeatLink:
             self._reconnects.lost(reason, "connection lost" if reason is None
                                   else packets.reason_text(reason))
             while True:
-                await asyncio.sleep(self._reconnects.next_wait())
+                await self._reconnects.pause()
                 try:
                     await self._connect()
                 except LinkError as exc:

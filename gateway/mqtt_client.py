@@ -83,7 +83,7 @@ class Client(aiomqtt.Client):
         await self.__aexit__(None, None, None)
 
     async def _misc_loop(self) -> None:
-        while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:
+        while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 - paho's timer, as aiomqtt runs it
             await asyncio.sleep(MISC_INTERVAL_SECONDS)
 
     def publish_nowait(

@@ -6,10 +6,15 @@ retried ever more slowly. The broker closing a connection because another client
 its client id (MQTT 5 reason 0x8E), or closing several in a row right after they were
 made (Mosquitto 2.0 closes the socket without a reason), is logged as an error that names
 the likely cause and the fix.
+
+A process's connections to one broker share `Peers`: when one of them gets through, the
+others waiting to retry try at once, since the broker is evidently back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import time
 
@@ -26,16 +31,37 @@ TAKEOVER_SUSPECTED_AFTER = 3
 SESSION_TAKEN_OVER = 0x8E
 
 
+class Peers:
+    """The connections of one process to one broker."""
+
+    def __init__(self) -> None:
+        self._through = asyncio.Event()
+
+    def through(self) -> None:
+        """One connection got through: wake the others' waits."""
+        self._through.set()
+        self._through = asyncio.Event()
+
+    async def wait(self, seconds: float) -> None:
+        """Wait ``seconds``, or until another connection gets through."""
+        through = self._through
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await through.wait()
+
+
 class Reconnects:
-    def __init__(self, client_id: str, connection: str) -> None:
+    def __init__(self, client_id: str, connection: str, peers: Peers) -> None:
         self._client_id = client_id
         self._connection = connection  # which of the process's connections, for logs
+        self._peers = peers
         self._delay = FIRST_SECONDS
         self._short_lived = 0
         self._up_since = time.monotonic()
 
     def connected(self) -> None:
         self._up_since = time.monotonic()
+        self._peers.through()
 
     def lost(self, reason: int | None, error: str) -> None:
         """The connection dropped: log why, and count it for the backoff."""
@@ -64,8 +90,9 @@ class Reconnects:
         metrics.MQTT_RECONNECTS.inc()
         log.warning("mqtt.connect_failed", connection=self._connection, error=error)
 
-    def next_wait(self) -> float:
+    async def pause(self) -> None:
+        """The backoff before the next attempt (cut short when a peer gets through)."""
         wait = random.uniform(self._delay / 2, self._delay)
         self._delay = min(self._delay * 2, MAX_SECONDS)
         log.warning("mqtt.reconnecting", connection=self._connection, in_seconds=round(wait, 2))
-        return wait
+        await self._peers.wait(wait)

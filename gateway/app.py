@@ -148,7 +148,8 @@ class Gateway:
         log.info("gateway.drained", requests_left=self.requests.in_flight,
                  heartbeats_left=self.buffer.depth,
                  heartbeats_unacknowledged=self.link.unacknowledged,
-                 publishes_unacknowledged=publisher.unacknowledged())
+                 publishes_unacknowledged=publisher.unacknowledged(),
+                 **metrics.heartbeat_totals())
 
     def _finished(self, commands: Iterable[Finished]) -> None:
         """Commands that reached a terminal state (acks, expiry): a finished factory_reset

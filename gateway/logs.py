@@ -48,7 +48,9 @@ class _StderrLogger:
     """Writes each line to the *current* ``sys.stderr`` (which tests and daemons replace)."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        # One write per line: processes sharing a log file (workers) never interleave.
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 

@@ -7,7 +7,14 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 HEARTBEATS_RECEIVED = Counter(
     "gateway_heartbeats_received_total", "Heartbeat messages received from the broker."
@@ -93,6 +100,23 @@ DYNSEC_ERRORS = Counter(
 REVOCATIONS_QUEUED = Gauge(
     "gateway_revocations_queued", "Devices queued for a credentials revocation check."
 )
+
+
+def heartbeat_totals() -> dict[str, int]:
+    """This process's heartbeat counts so far (received = applied + stale + superseded +
+    rejected, once all are handled)."""
+    def value(name: str, **labels: str) -> int:
+        return int(REGISTRY.get_sample_value(name, labels) or 0)
+
+    rejected = sum(int(sample.value) for family in HEARTBEATS_REJECTED.collect()
+                   for sample in family.samples if sample.name.endswith("_total"))
+    return {
+        "heartbeats_received": value("gateway_heartbeats_received_total"),
+        "heartbeats_applied": value("gateway_heartbeats_applied_total"),
+        "heartbeats_stale": value("gateway_heartbeats_stale_total"),
+        "heartbeats_superseded": value("gateway_heartbeats_superseded_total"),
+        "heartbeats_rejected": rejected,
+    }
 
 
 Exposition = Callable[[], Awaitable[bytes]]

@@ -313,9 +313,10 @@ async def test_a_killed_process_is_replaced_at_once_and_loses_at_most_its_window
                 futures = []
                 latencies: list[float] = []
                 for n in range(60):
+                    sent = time.monotonic()
                     future = api.send("GET", f"/v1/devices/{ids[n]}")
                     future.add_done_callback(
-                        lambda _, sent=time.monotonic(): latencies.append(time.monotonic() - sent))
+                        lambda _, sent=sent: latencies.append(time.monotonic() - sent))
                     futures.append(future)
                     await asyncio.sleep(0.05)  # a steady caller, 20 requests a second
                 replies = await asyncio.gather(*(asyncio.wait_for(f, 10) for f in futures))

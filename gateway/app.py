@@ -57,6 +57,7 @@ class Gateway:
             keepalive=config.mqtt_keepalive_seconds,
             on_publish=lambda *message: self.intake.accept(*message),
             peers=peers,
+            accepting=lambda: not self.buffer.full,
         )
         self.intake = Intake(config.topic("devices/"), self.buffer, reject, self.link.done)
         self.replies = DeviceReplies(config, publisher, reject, self._finished)
@@ -178,6 +179,8 @@ class Gateway:
                     await self.membership.rejoin()
                 except ProcessConflict as exc:
                     log.error("gateway.process_conflict", error=str(exc))
+                except StorageUnavailable:
+                    pass  # the health check reports the outage; try again next time
 
     async def _sweep_commands(self) -> None:
         every = self.config.command_sweep_seconds

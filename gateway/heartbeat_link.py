@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import structlog
 
+from gateway import metrics
 from gateway import mqtt_packets as packets
 from gateway.acks import NOTHING, AckWindow
 from gateway.config import MqttEndpoint
@@ -62,6 +63,7 @@ class _Protocol(asyncio.Protocol):
         self.closed: asyncio.Future[int | None] = loop.create_future()  # DISCONNECT reason
         self.answers: dict[tuple[int, int], asyncio.Future[bytes]] = {}
         self.last_in = time.monotonic()
+        self.paused = False
         self._reason: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -80,12 +82,28 @@ class _Protocol(asyncio.Protocol):
         if self._rest:
             data = self._rest + data
         self.last_in = time.monotonic()
+        self._parse(data)
+
+    def resume(self) -> None:
+        """Read again after `pause`: first what was left unparsed, then the socket."""
+        if not self.paused:
+            return
+        self.paused = False
+        metrics.INTAKE_PAUSED.set(0)
+        self.last_in = time.monotonic()
+        rest, self._rest = self._rest, b""
+        self._parse(rest)
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _parse(self, data: bytes) -> None:
         now = time.time()
         view = memoryview(data)
         size = len(data)
         at = 0
+        link = self._link
         try:
-            while at + 2 <= size:
+            while at + 2 <= size and not self.paused:
                 first = data[at]
                 # The remaining length: one byte for nearly every heartbeat.
                 length = data[at + 1]
@@ -100,6 +118,13 @@ class _Protocol(asyncio.Protocol):
                     break
                 if first & 0xF0 == packets.PUBLISH:
                     self._publish(first, view, body, end, now)
+                    if not link.accepting():
+                        # Backpressure: the buffer is full. Stop reading until it has
+                        # room; the broker keeps the rest (`HeartbeatLink.resume`).
+                        self.paused = True
+                        metrics.INTAKE_PAUSED.set(1)
+                        if self.transport is not None:
+                            self.transport.pause_reading()
                 else:
                     self._control(first, bytes(view[body:end]))
                 at = end
@@ -171,10 +196,15 @@ class HeartbeatLink:
         keepalive: int,
         on_publish: OnPublish,
         peers: Peers,
+        accepting: Callable[[], bool] = lambda: True,
     ) -> None:
         """``topic``: the (maybe shared) heartbeat subscription. ``barrier_topic``: a topic
         of this link's own, for `drain`. ``persistent``: keep the session (and what the
-        broker holds for it) across reconnects; otherwise it ends with the connection."""
+        broker holds for it) across reconnects; otherwise it ends with the connection.
+        ``accepting()`` is False while the receiver can take no more: the link then stops
+        reading until `resume` is called. The broker's in-flight window (our Receive
+        Maximum) should already stop it, but Mosquitto before 2.0.12 stops counting that
+        window right once acknowledgements flow."""
         self._endpoint = endpoint
         self.client_id = client_id
         self._topic = topic
@@ -184,6 +214,7 @@ class HeartbeatLink:
         self._receive_maximum = receive_maximum
         self._keepalive = keepalive
         self._on_publish = on_publish
+        self.accepting = accepting
         self.window = AckWindow()
         self.connected = asyncio.Event()
         self.last_out = time.monotonic()
@@ -246,6 +277,7 @@ class HeartbeatLink:
             raise LinkError(f"cannot connect to {endpoint.host}:{endpoint.port}: "
                             f"{str(exc) or type(exc).__name__}") from exc
         self._reconnects.connected()
+        metrics.INTAKE_PAUSED.set(0)
         self.connected.set()
 
     async def _subscribe(self, protocol: _Protocol, topics: list[str]) -> None:
@@ -289,7 +321,9 @@ class HeartbeatLink:
                 continue
             if now - self.last_out >= self._keepalive / 2:
                 protocol.write(packets.PINGREQ_PACKET)
-            if now - protocol.last_in > self._keepalive * 1.5 and protocol.transport:
+            if protocol.paused:
+                protocol.last_in = now  # not reading, on purpose: no news is expected
+            elif now - protocol.last_in > self._keepalive * 1.5 and protocol.transport:
                 log.warning("heartbeat_link.silent", seconds=round(now - protocol.last_in, 1))
                 protocol.transport.abort()
         return protocol.closed.result()
@@ -319,8 +353,20 @@ class HeartbeatLink:
     def done(self, receipts: Iterable[int]) -> None:
         """The work of these messages is done: acknowledge them (in arrival order)."""
         due = self.window.done(receipts)
+        metrics.HEARTBEATS_IN_FLIGHT.set(len(self.window))
         if due and self._protocol is not None:
             self._protocol.write(packets.pubacks(due))
+            if self._protocol.paused:
+                self.resume()
+
+    def resume(self) -> None:
+        """The receiver has room again: read on, if reading was paused."""
+        if self._protocol is not None and self.accepting():
+            self._protocol.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self._protocol is not None and self._protocol.paused
 
     @property
     def unacknowledged(self) -> int:

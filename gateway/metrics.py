@@ -51,6 +51,16 @@ INBOX_DEPTH = Gauge(
     "gateway_inbox_depth",
     "Heartbeats buffered and not yet written (the batch in hand not included).",
 )
+INTAKE_PAUSED = Gauge(
+    "gateway_heartbeat_intake_paused",
+    "1 while the heartbeat connection is not read because the buffer is full "
+    "(backpressure: the broker holds what follows).",
+)
+HEARTBEATS_IN_FLIGHT = Gauge(
+    "gateway_heartbeats_unacknowledged",
+    "Heartbeats received and not acknowledged to the broker yet (at most the buffer's "
+    "bound on a broker that honours Receive Maximum).",
+)
 COMMANDS_DELIVERED = Counter(
     "gateway_commands_delivered_total", "Commands published to devices (each delivery)."
 )

@@ -8,11 +8,33 @@ CREATE TABLE IF NOT EXISTS devices (
     seq                  bigserial   NOT NULL UNIQUE,
     serial_number        text        NOT NULL UNIQUE,
     device_type          text,
-    firmware_version     text,
     end_user_id          text,
     bound_at             timestamptz,
     metadata             jsonb,
-    -- Health, from heartbeats. Typed columns, not a JSON bag.
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    deleted_at           timestamptz
+);
+CREATE INDEX IF NOT EXISTS devices_end_user_idx ON devices (end_user_id) WHERE end_user_id IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS device_settings (
+    device_id        text        PRIMARY KEY REFERENCES devices (id),
+    document         json        NOT NULL,  -- json keeps the documented key order
+    version          integer     NOT NULL,
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- What heartbeats write, one narrow row per device, apart from the registry: every device
+-- rewrites its row about once a minute. Narrow rows, half-empty pages and no index on a
+-- column that changes keep each rewrite a HOT update on the same page (no index entry
+-- written), and a batch touches nothing else unless a device needs an answer. Copies of
+-- what the heartbeat path must check without reading the registry: the serial number (how
+-- devices are known), whether the device is deleted, and its current settings version.
+CREATE TABLE IF NOT EXISTS device_health (
+    device_id            text        PRIMARY KEY REFERENCES devices (id),
+    serial_number        text        NOT NULL UNIQUE,
+    deleted              boolean     NOT NULL DEFAULT false,
+    firmware_version     text,
     battery_percent      smallint,
     storage_used_mb      bigint,
     storage_total_mb     bigint,
@@ -20,27 +42,44 @@ CREATE TABLE IF NOT EXISTS devices (
     recording_state      jsonb,
     -- Newest device clock (`ts`, ms) applied: the ordering guard for heartbeats.
     last_ts              bigint,
+    -- The gateway's receive time of the last heartbeat applied.
     last_heartbeat_at    timestamptz,
-    created_at           timestamptz NOT NULL DEFAULT now(),
-    updated_at           timestamptz NOT NULL DEFAULT now(),
-    deleted_at           timestamptz
-);
--- Heartbeats rewrite every device row each minute: leave room on each page so the update
--- stays on it (a HOT update that writes no index entry).
-ALTER TABLE devices SET (fillfactor = 80);
-CREATE INDEX IF NOT EXISTS devices_end_user_idx ON devices (end_user_id) WHERE end_user_id IS NOT NULL;
-
-CREATE TABLE IF NOT EXISTS device_settings (
-    device_id        text        PRIMARY KEY REFERENCES devices (id),
-    document         json        NOT NULL,  -- json keeps the documented key order
-    version          integer     NOT NULL,
+    -- device_settings.version, kept in step by every settings write.
+    settings_version     integer     NOT NULL DEFAULT 1,
     -- The settings version the device last reported as applied (0: none yet).
-    applied_version  integer     NOT NULL DEFAULT 0,
-    updated_at       timestamptz NOT NULL DEFAULT now()
-);
+    applied_version      integer     NOT NULL DEFAULT 0
+) WITH (fillfactor = 50);
 
--- Every settings version a device was given, so the gateway can send a merge patch from
--- the version a device reports. Pruned to the newest versions per device.
+-- Databases made before device_health: move the health columns there.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = current_schema() AND table_name = 'devices'
+                 AND column_name = 'last_ts') THEN
+        INSERT INTO device_health (device_id, serial_number, deleted, firmware_version,
+                                   battery_percent, storage_used_mb, storage_total_mb,
+                                   signal_strength_dbm, recording_state, last_ts,
+                                   last_heartbeat_at, settings_version, applied_version)
+        SELECT d.id, d.serial_number, d.deleted_at IS NOT NULL, d.firmware_version,
+               d.battery_percent, d.storage_used_mb, d.storage_total_mb,
+               d.signal_strength_dbm, d.recording_state, d.last_ts, d.last_heartbeat_at,
+               s.version, s.applied_version
+        FROM devices d JOIN device_settings s ON s.device_id = d.id
+        ON CONFLICT (device_id) DO NOTHING;
+        ALTER TABLE devices DROP COLUMN firmware_version, DROP COLUMN battery_percent,
+            DROP COLUMN storage_used_mb, DROP COLUMN storage_total_mb,
+            DROP COLUMN signal_strength_dbm, DROP COLUMN recording_state,
+            DROP COLUMN last_ts, DROP COLUMN last_heartbeat_at;
+        ALTER TABLE devices RESET (fillfactor);
+    END IF;
+    IF EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = current_schema() AND table_name = 'device_settings'
+                 AND column_name = 'applied_version') THEN
+        ALTER TABLE device_settings DROP COLUMN applied_version;
+    END IF;
+END
+$$;
+
 CREATE TABLE IF NOT EXISTS device_settings_history (
     device_id   text        NOT NULL REFERENCES devices (id),
     version     integer     NOT NULL,

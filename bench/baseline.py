@@ -36,7 +36,7 @@ from bench._common import Progress, cpu_seconds, run, run_until
 from bench.ceiling import heartbeat_filter
 
 UPDATE_HEARTBEAT = """
-UPDATE devices SET
+UPDATE device_health SET
     battery_percent = $2,
     storage_used_mb = $3,
     storage_total_mb = $4,
@@ -45,7 +45,7 @@ UPDATE devices SET
     recording_state = $7::jsonb,
     last_ts = $8,
     last_heartbeat_at = now()
-WHERE serial_number = $1 AND deleted_at IS NULL AND (last_ts IS NULL OR last_ts < $8)
+WHERE serial_number = $1 AND NOT deleted AND (last_ts IS NULL OR last_ts < $8)
 """
 
 

@@ -55,17 +55,28 @@ WITH new AS (
     INSERT INTO devices (id, serial_number, device_type)
     SELECT 'dev_' || left(md5(serial_number), 20), serial_number, $1
     FROM new ORDER BY serial_number
-    RETURNING id
+    RETURNING id, serial_number
+), health AS (
+    -- In the steady state every device has applied the current settings (version 1),
+    -- which the load generator's heartbeats report.
+    INSERT INTO device_health (device_id, serial_number, settings_version, applied_version)
+    SELECT id, serial_number, 1, 1 FROM ins
 )
-INSERT INTO device_settings (device_id, document, version, applied_version)
-SELECT id, $2::jsonb, 1, 0 FROM ins
+INSERT INTO device_settings (device_id, document, version)
+SELECT id, $2::jsonb, 1 FROM ins
 """
 
 _SEED_MISSING_SETTINGS = """
-INSERT INTO device_settings (device_id, document, version, applied_version)
-SELECT d.id, $1::jsonb, 1, 0
+WITH settings AS (
+    INSERT INTO device_settings (device_id, document, version)
+    SELECT d.id, $1::jsonb, 1
+    FROM bench_seed s JOIN devices d ON d.serial_number = s.serial_number
+    WHERE NOT EXISTS (SELECT 1 FROM device_settings x WHERE x.device_id = d.id)
+)
+INSERT INTO device_health (device_id, serial_number, settings_version, applied_version)
+SELECT d.id, d.serial_number, 1, 1
 FROM bench_seed s JOIN devices d ON d.serial_number = s.serial_number
-WHERE NOT EXISTS (SELECT 1 FROM device_settings x WHERE x.device_id = d.id)
+WHERE NOT EXISTS (SELECT 1 FROM device_health x WHERE x.device_id = d.id)
 """
 
 
@@ -138,8 +149,8 @@ async def verify_zero_loss(
         part = keys[start : start + chunk]
         rows = await conn.fetch(
             """
-            SELECT serial_number, last_ts, battery_percent FROM devices
-            WHERE serial_number = ANY($1::text[]) AND deleted_at IS NULL
+            SELECT serial_number, last_ts, battery_percent FROM device_health
+            WHERE serial_number = ANY($1::text[]) AND NOT deleted
             """,
             part,
         )

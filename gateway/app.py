@@ -112,6 +112,7 @@ class Gateway:
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("database-health", self._watch_database),
             ("process-registration", self._keep_registration),
+            ("api-key-changes", self.requests.watch_keys),
             ("command-sweep", self._sweep_commands),
             ("history-prune", self._prune_history),
         ]

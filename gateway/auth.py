@@ -1,21 +1,35 @@
 """API keys: generation, hashing, and the per-request check.
 
 A key reads ``sk_live_<key id>_<secret>``. Only the sha256 of the whole key is stored;
-the key id locates the row and the hash is compared in constant time. Nothing is cached,
-so a revocation takes effect on the next request.
+the key id locates the row and the hash is compared in constant time.
+
+`KeyCache` keeps the keys in use in memory, so that a request costs no query for its key.
+A revocation still takes effect at once in every process: it is announced with
+PostgreSQL's NOTIFY in the revoking transaction, and each process drops the key when it
+hears it; a process that is not listening (its listening connection is down) does not
+cache at all.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import secrets
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
+
+import asyncpg
+import structlog
 
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from gateway.storage.keys import ApiKeys
+from gateway.storage.database import UNAVAILABLE
+from gateway.storage.keys import CHANGES_CHANNEL, ApiKeys, StoredKey
+
+log = structlog.get_logger("gateway.auth")
 
 READ = "devices:read"
 WRITE = "devices:write"
@@ -73,7 +87,75 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
-async def authenticate(keys: ApiKeys, headers: Mapping[str, str]) -> Principal:
+class KeyLookup(Protocol):
+    async def get(self, key_id: str) -> StoredKey | None: ...
+
+
+class KeyCache:
+    """API keys by id, in memory while this process hears every change of them."""
+
+    MAX_KEYS = 10_000
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, keys: ApiKeys, dsn: str) -> None:
+        self._keys = keys
+        self._dsn = dsn
+        self._cache: dict[str, StoredKey] = {}
+        self._listening = False
+        self._changes = 0  # counts announcements, so a lookup racing one is not cached
+
+    async def get(self, key_id: str) -> StoredKey | None:
+        cached = self._cache.get(key_id) if self._listening else None
+        if cached is not None:
+            return cached
+        changes = self._changes
+        stored = await self._keys.get(key_id)
+        if (stored is not None and self._listening and changes == self._changes
+                and len(self._cache) < self.MAX_KEYS):
+            self._cache[key_id] = stored
+        return stored
+
+    def _changed(self, key_id: str) -> None:
+        self._changes += 1
+        self._cache.pop(key_id, None)
+
+    def _deaf(self) -> None:
+        self._listening = False
+        self._changes += 1
+        self._cache.clear()
+
+    async def run(self) -> None:
+        """Listen for changes until cancelled; cache only while listening."""
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+            except (*UNAVAILABLE, asyncpg.PostgresError):
+                await asyncio.sleep(self.RETRY_SECONDS)
+                continue
+            try:
+                await self._listen(conn)
+            finally:
+                self._deaf()
+                with contextlib.suppress(*UNAVAILABLE, asyncpg.PostgresError):
+                    await conn.close()
+            log.warning("auth.key_notifications_lost", retry_in_seconds=self.RETRY_SECONDS)
+            await asyncio.sleep(self.RETRY_SECONDS)
+
+    async def _listen(self, conn: asyncpg.Connection) -> None:
+        """Until ``conn`` is lost (checked every second, as well as when asyncpg says so)."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        await conn.add_listener(
+            CHANGES_CHANNEL, lambda _conn, _pid, _channel, key_id: self._changed(key_id)
+        )
+        self._listening = True
+        while not conn.is_closed():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await lost.wait()
+
+
+async def authenticate(keys: KeyLookup, headers: Mapping[str, str]) -> Principal:
     key = presented_key(headers)
     if key is None:
         raise AuthenticationFailed("No API key provided")

@@ -66,10 +66,15 @@ class Requests:
         self._access = access  # device broker credentials; None without dynamic security
         self._storage = storage
         self._publisher = publisher
+        self._keys = auth.KeyCache(storage.keys, config.database_url)
         self._reply_prefix = config.topic(wire.REPLY_PREFIX)
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(config.request_queue_max)
         self._busy = 0
         self._dropped_log = RateLimitedLog()
+
+    async def watch_keys(self) -> None:
+        """Keep the API key cache in step with PostgreSQL (a background loop)."""
+        await self._keys.run()
 
     @property
     def in_flight(self) -> int:
@@ -188,7 +193,7 @@ class Requests:
         self._publisher.publish(reply_to, payload, properties)
 
     async def _dispatch(self, request: wire.Request) -> tuple[int, msgspec.Struct]:
-        principal = await auth.authenticate(self._storage.keys, request.headers)
+        principal = await auth.authenticate(self._keys, request.headers)
         route, params = ROUTER.match(request.method, request.path)
         auth.require(principal, route.scope)
         body = decode_input(route, request)

@@ -209,6 +209,11 @@ async def seed(conn: asyncpg.Connection, serials: list[str]) -> None:
                 " SELECT id, $1::text::json, 1 FROM devices WHERE serial_number = ANY($2)",
                 document, serials,
             )
+        await conn.execute(
+            "INSERT INTO device_health (device_id, serial_number)"
+            " SELECT id, serial_number FROM devices WHERE serial_number = ANY($1)",
+            serials,
+        )
 
 
 async def start_own_services(pg: Postgres, broker: Mosquitto,
@@ -234,7 +239,7 @@ async def behind(conn: asyncpg.Connection, want: dict[str, int]) -> list[str]:
     """Serials whose stored heartbeat is older than ``want[serial]``, or whose health does
     not belong to their stored ``ts``."""
     rows = await conn.fetch(
-        "SELECT serial_number, last_ts, battery_percent FROM devices"
+        "SELECT serial_number, last_ts, battery_percent FROM device_health"
         " WHERE serial_number = ANY($1)", list(want),
     )
     stored = {r["serial_number"]: (r["last_ts"], r["battery_percent"]) for r in rows}

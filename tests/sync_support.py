@@ -67,10 +67,14 @@ async def register(api: Caller, serial: str, **fields: Any) -> dict[str, Any]:
 
 
 async def device_row(db: asyncpg.Connection, serial: str) -> dict[str, Any] | None:
-    """The stored device row with its settings row's versions, JSON columns decoded."""
+    """The stored device row with its health and its settings row's version, JSON columns
+    decoded."""
     row = await db.fetchrow(
-        "SELECT d.*, s.version AS settings_version_current, s.applied_version"
-        " FROM devices d LEFT JOIN device_settings s ON s.device_id = d.id"
+        "SELECT d.*, h.firmware_version, h.battery_percent, h.storage_used_mb,"
+        " h.storage_total_mb, h.signal_strength_dbm, h.recording_state, h.last_ts,"
+        " h.last_heartbeat_at, h.applied_version, s.version AS settings_version_current"
+        " FROM devices d LEFT JOIN device_health h ON h.device_id = d.id"
+        " LEFT JOIN device_settings s ON s.device_id = d.id"
         " WHERE d.serial_number = $1",
         serial,
     )
@@ -100,6 +104,11 @@ async def insert_devices(db: asyncpg.Connection, serials: Sequence[str]) -> list
     async with db.transaction():
         await db.execute(
             "INSERT INTO devices (id, serial_number) SELECT * FROM unnest($1::text[], $2::text[])",
+            ids, list(serials),
+        )
+        await db.execute(
+            "INSERT INTO device_health (device_id, serial_number)"
+            " SELECT * FROM unnest($1::text[], $2::text[])",
             ids, list(serials),
         )
         await db.execute(

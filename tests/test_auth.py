@@ -17,6 +17,9 @@ from conftest import Caller, caller, create_key
 
 from gateway.storage import Storage
 
+# A device's whole stored state: the registry row and its health.
+DEVICE_STATE = "SELECT d.*, h.* FROM devices d JOIN device_health h ON h.device_id = d.id"
+
 READ = "devices:read"
 WRITE = "devices:write"
 
@@ -67,7 +70,7 @@ async def test_request_without_a_key_is_401_on_every_route(
     """No key at all (or an empty one): 401 authentication_error on every route, and
     nothing changes."""
     device_id = await new_device(api)
-    before = await db.fetchrow("SELECT * FROM devices")
+    before = await db.fetchrow(DEVICE_STATE)
     routes = all_routes(device_id)
     replies = await asyncio.gather(*(
         api.call(method, path, body, key=None) for method, path, body, _ in routes
@@ -75,7 +78,7 @@ async def test_request_without_a_key_is_401_on_every_route(
     for route, reply in zip(routes, replies, strict=True):
         assert reply[0] == 401, route
         assert_error(reply, 401, "authentication_error")
-    assert await db.fetchrow("SELECT * FROM devices") == before
+    assert await db.fetchrow(DEVICE_STATE) == before
     assert await db.fetchval("SELECT count(*) FROM commands") == 0
     # Empty or blank header values are no key either.
     for headers in ({"authorization": ""}, {"authorization": "Bearer"},
@@ -149,7 +152,7 @@ async def test_read_only_key_on_write_routes_is_403_and_changes_nothing(
 ) -> None:
     """devices:read alone: every write route answers 403 permission_error."""
     device_id = await new_device(api)
-    before = await db.fetchrow("SELECT * FROM devices")
+    before = await db.fetchrow(DEVICE_STATE)
     async with caller_with(database_url, topic_prefix, READ) as reader:
         for method, path, body, scope in all_routes(device_id):
             if scope == WRITE:
@@ -157,7 +160,7 @@ async def test_read_only_key_on_write_routes_is_403_and_changes_nothing(
         status, reply = await reader.call("POST", f"/v1/devices/{device_id}/commands",
                                           {"type": "reboot"})
         assert status == 403, reply
-    assert await db.fetchrow("SELECT * FROM devices") == before
+    assert await db.fetchrow(DEVICE_STATE) == before
     assert await db.fetchval("SELECT count(*) FROM devices") == 1
     assert await db.fetchval("SELECT count(*) FROM commands") == 0
     assert await db.fetchval("SELECT version FROM device_settings") == 1

@@ -579,5 +579,6 @@ async def test_two_heartbeats_of_one_device_in_one_batch_deliver_its_commands_on
     command = await db.fetchrow("SELECT status, attempts FROM commands WHERE id = 'cmd_twice'")
     assert (command["status"], command["attempts"]) == ("delivered", 1)
     device = await db.fetchrow(
-        "SELECT battery_percent, signal_strength_dbm, last_ts FROM devices WHERE id = 'dev_twice'")
+        "SELECT battery_percent, signal_strength_dbm, last_ts FROM device_health"
+        " WHERE device_id = 'dev_twice'")
     assert tuple(device) == (40, -60, ts + 1000)

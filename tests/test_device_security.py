@@ -272,9 +272,9 @@ async def test_device_cannot_publish_to_another_devices_heartbeat(
             assert seen == [f"{PREFIX}/devices/{a_serial}/heartbeat"]
 
     await wait_for(lambda: db.fetchval(
-        "SELECT battery_percent = 22 FROM devices WHERE id = $1", a_id))
+        "SELECT battery_percent = 22 FROM device_health WHERE device_id = $1", a_id))
     b = await db.fetchrow(
-        "SELECT battery_percent, last_heartbeat_at FROM devices WHERE id = $1", b_id
+        "SELECT battery_percent, last_heartbeat_at FROM device_health WHERE device_id = $1", b_id
     )
     assert b["battery_percent"] is None and b["last_heartbeat_at"] is None
 

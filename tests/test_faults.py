@@ -371,8 +371,9 @@ async def test_gateway_killed_mid_load_converges_and_keeps_commands(
 
             async def settings_applied() -> bool:
                 return not await db.fetchval(
-                    "SELECT count(*) FROM device_settings WHERE device_id = ANY($1)"
-                    " AND applied_version <> version", list(ids.values()))
+                    "SELECT count(*) FROM device_settings s JOIN device_health h"
+                    " ON h.device_id = s.device_id WHERE s.device_id = ANY($1)"
+                    " AND h.applied_version <> s.version", list(ids.values()))
 
             await wait_for(settings_applied, 10)
         gateway.send(signal.SIGTERM)
@@ -401,8 +402,9 @@ async def test_gateway_killed_mid_load_converges_and_keeps_commands(
     device_backwards = sum(
         1 for d in devices for a, b in itertools.pairwise(d.versions) if b < a)
     final = {r["device_id"]: (r["version"], r["applied_version"]) for r in await db.fetch(
-        "SELECT device_id, version, applied_version FROM device_settings"
-        " WHERE device_id = ANY($1)", list(ids.values()))}
+        "SELECT s.device_id, s.version, h.applied_version FROM device_settings s"
+        " JOIN device_health h ON h.device_id = s.device_id"
+        " WHERE s.device_id = ANY($1)", list(ids.values()))}
     figures = {
         "devices": len(serials),
         "gateway_start_s": round(started_in, 2),

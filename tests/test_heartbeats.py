@@ -554,7 +554,7 @@ async def test_burst_of_10000_heartbeats_from_1000_devices_loses_nothing(
 
     async def all_applied() -> bool:
         done = await db.fetchval(
-            "SELECT count(*) FROM devices WHERE serial_number LIKE 'BURST-%'"
+            "SELECT count(*) FROM device_health WHERE serial_number LIKE 'BURST-%'"
             " AND last_ts = $1 AND battery_percent = $2",
             base + rounds - 1, rounds - 1,
         )
@@ -565,7 +565,7 @@ async def test_burst_of_10000_heartbeats_from_1000_devices_loses_nothing(
     total = devices * rounds
     assert metric("gateway_heartbeats_received_total") - received_before == total
     mismatched = await db.fetchval(
-        "SELECT count(*) FROM devices WHERE serial_number LIKE 'BURST-%'"
+        "SELECT count(*) FROM device_health WHERE serial_number LIKE 'BURST-%'"
         " AND (last_ts IS DISTINCT FROM $1"
         "      OR storage_used_mb IS DISTINCT FROM substr(serial_number, 7)::bigint)",
         base + rounds - 1,

@@ -166,7 +166,9 @@ async def hostile_setup(config: Config, topic_prefix: str) -> AsyncIterator[Runn
 
 
 async def device_row(db: asyncpg.Connection) -> dict[str, Any]:
-    row = await db.fetchrow("SELECT * FROM devices WHERE serial_number = $1", SERIAL)
+    row = await db.fetchrow("SELECT d.*, h.* FROM devices d"
+                            " JOIN device_health h ON h.device_id = d.id"
+                            " WHERE d.serial_number = $1", SERIAL)
     return dict(row)
 
 

@@ -39,7 +39,8 @@ async def test_a_poison_heartbeat_is_isolated_and_the_rest_of_its_batch_applies(
 
     async def applied() -> bool:
         rows = await db.fetch(
-            "SELECT serial_number, battery_percent FROM devices WHERE serial_number = ANY($1)",
+            "SELECT serial_number, battery_percent FROM device_health"
+            " WHERE serial_number = ANY($1)",
             serials,
         )
         return sum(r["battery_percent"] is not None for r in rows) == 8
@@ -47,7 +48,7 @@ async def test_a_poison_heartbeat_is_isolated_and_the_rest_of_its_batch_applies(
     await wait_for(applied)
     assert rejected("write_error") == before + 1
     stored = await db.fetchval(
-        "SELECT battery_percent FROM devices WHERE serial_number = $1", serials[4]
+        "SELECT battery_percent FROM device_health WHERE serial_number = $1", serials[4]
     )
     assert stored is None
     # The writer is still alive: a later heartbeat for the poisoned device applies.
@@ -55,7 +56,7 @@ async def test_a_poison_heartbeat_is_isolated_and_the_rest_of_its_batch_applies(
 
     async def recovered() -> bool:
         return await db.fetchval(
-            "SELECT battery_percent FROM devices WHERE serial_number = $1", serials[4]
+            "SELECT battery_percent FROM device_health WHERE serial_number = $1", serials[4]
         ) == 55
 
     await wait_for(recovered)

@@ -236,9 +236,9 @@ async def test_an_older_heartbeat_never_wins_whichever_process_handles_it(
         try:
             # Barrier: every received heartbeat is also written (applied or stale).
             await wait_for(lambda: conn.fetchval(
-                "SELECT last_ts = $1 FROM devices WHERE serial_number = 'SN-GUARD'",
+                "SELECT last_ts = $1 FROM device_health WHERE serial_number = 'SN-GUARD'",
                 base + 299), timeout=10)
-            row = await conn.fetchrow("SELECT last_ts, battery_percent FROM devices"
+            row = await conn.fetchrow("SELECT last_ts, battery_percent FROM device_health"
                                       " WHERE serial_number = 'SN-GUARD'")
         finally:
             await conn.close()

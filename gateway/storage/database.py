@@ -27,7 +27,7 @@ log = structlog.get_logger("gateway.storage")
 T = TypeVar("T")
 
 TABLES = ("devices", "device_settings", "device_settings_history", "commands", "api_keys",
-          "device_credentials", "sweeps", "gateway_processes")
+          "device_credentials", "sweeps", "gateway_processes", "device_health")
 _MIGRATION_LOCK = 7261554
 
 # Errors that mean "the database is not there right now", as opposed to a bug.

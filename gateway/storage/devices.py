@@ -21,13 +21,14 @@ _settings = msgspec.json.Decoder(Settings)
 _recording_state = msgspec.json.Decoder(RecordingState)
 _object = msgspec.json.Decoder(dict[str, Any])
 
-# Every device route answers with this row.
+# Every device route answers with this row: the registry, its health, its settings.
 SELECT = """
-    SELECT d.id, d.serial_number, d.device_type, d.firmware_version, d.end_user_id,
-           d.bound_at, d.battery_percent, d.storage_used_mb, d.storage_total_mb,
-           d.signal_strength_dbm, d.last_heartbeat_at, d.recording_state, d.metadata,
+    SELECT d.id, d.serial_number, d.device_type, h.firmware_version, d.end_user_id,
+           d.bound_at, h.battery_percent, h.storage_used_mb, h.storage_total_mb,
+           h.signal_strength_dbm, h.last_heartbeat_at, h.recording_state, d.metadata,
            s.document AS settings, d.created_at, d.updated_at, d.deleted_at
-    FROM devices d JOIN device_settings s ON s.device_id = d.id
+    FROM devices d JOIN device_health h ON h.device_id = d.id
+    JOIN device_settings s ON s.device_id = d.id
 """
 
 
@@ -77,12 +78,13 @@ class Devices(Aggregate):
         """Insert a device at settings version 1: (device, created). 409 if deleted."""
         async with self._db.transaction() as conn:
             inserted = await conn.fetchval(
-                "INSERT INTO devices (id, serial_number, device_type, firmware_version, metadata)"
-                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (serial_number) DO NOTHING"
+                "INSERT INTO devices (id, serial_number, device_type, metadata)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (serial_number) DO NOTHING"
                 " RETURNING id",
-                device_id, serial, device_type, firmware, metadata,
+                device_id, serial, device_type, metadata,
             )
             if inserted is not None:
+                await _insert_health(conn, device_id, serial, firmware)
                 await settings_store.insert_defaults(conn, device_id)
             row = await conn.fetchrow(SELECT + " WHERE d.serial_number = $1", serial)
         if row["deleted_at"] is not None:
@@ -115,6 +117,7 @@ class Devices(Aggregate):
                     raise Conflict(f"Device {serial} was deleted")
                 return None, False
             if row["created"]:
+                await _insert_health(conn, row["id"], serial, None)
                 await settings_store.insert_defaults(conn, row["id"])
             current = await conn.fetchrow(SELECT + " WHERE d.id = $1", row["id"])
         return device(current), row["created"]
@@ -164,9 +167,12 @@ class Devices(Aggregate):
             if new is None:
                 return device(row)
             await conn.execute(
-                "UPDATE devices SET firmware_version = $2, metadata = $3, updated_at = now()"
-                " WHERE id = $1",
-                device_id, new[0], new[1],
+                "UPDATE devices SET metadata = $2, updated_at = now() WHERE id = $1",
+                device_id, new[1],
+            )
+            await conn.execute(
+                "UPDATE device_health SET firmware_version = $2 WHERE device_id = $1",
+                device_id, new[0],
             )
             return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
 
@@ -181,6 +187,9 @@ class Devices(Aggregate):
                 device_id,
             ))
             await conn.execute(
+                "UPDATE device_health SET deleted = true WHERE device_id = $1", device_id
+            )
+            await conn.execute(
                 "UPDATE device_credentials SET revoked_at = now()"
                 " WHERE device_id = $1 AND revoked_at IS NULL",
                 device_id,
@@ -191,6 +200,10 @@ class Devices(Aggregate):
             found(await conn.fetchval("SELECT id FROM devices WHERE id = $1", device_id))
             await conn.execute(
                 "UPDATE devices SET deleted_at = NULL WHERE id = $1 AND deleted_at IS NOT NULL",
+                device_id,
+            )
+            await conn.execute(
+                "UPDATE device_health SET deleted = false WHERE device_id = $1 AND deleted",
                 device_id,
             )
             return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
@@ -230,6 +243,16 @@ class Devices(Aggregate):
                 command_id, device_id, ttl,
             )
             return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+
+
+async def _insert_health(
+    conn: asyncpg.Connection, device_id: str, serial: str, firmware: str | None
+) -> None:
+    await conn.execute(
+        "INSERT INTO device_health (device_id, serial_number, firmware_version)"
+        " VALUES ($1, $2, $3)",
+        device_id, serial, firmware,
+    )
 
 
 async def _unbind(conn: asyncpg.Connection, device_id: str) -> None:

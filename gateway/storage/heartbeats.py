@@ -25,6 +25,12 @@ from gateway.storage.settings import HISTORY_KEEP
 _document = msgspec.json.Decoder(dict[str, Any])
 _commands = msgspec.json.Decoder(list[Command])
 
+# The batch statements' cost depends on the batch size, which a generic plan cannot see:
+# it estimates unnest($1) at 10 rows and rescans a CTE per input row, quadratic in the
+# batch. JIT compiling costs tens of milliseconds per batch, more than it saves here.
+# Only in this transaction: the registry's small lookups keep their cached plans.
+_BATCH_SETTINGS = "SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL jit = off"
+
 _RETRYABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
@@ -99,11 +105,7 @@ class Heartbeats(Aggregate):
         """
         try:
             async with self._db.transaction() as conn:
-                # The batch statements' cost depends on the batch size, which a generic
-                # plan cannot see: it estimates unnest($1) at 10 rows and rescans a CTE
-                # per input row, quadratic in the batch (0.39 s against 0.13 s at 2,000).
-                # Only here: the registry's small lookups keep their cached plans.
-                await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+                await conn.execute(_BATCH_SETTINGS)
                 finished: list[Finished] = []
                 if acks is not None:
                     # Lock the acking devices first: every other writer takes a device's
@@ -150,9 +152,11 @@ RETURNING c.id, c.device_id, c.type, c.status
 """
 
 # One round of heartbeats (one row per serial) in one statement: the ts-guarded health
-# write, the reported settings version, and per applied device its open commands (marked
-# delivered) and settings gap. `commands` is built here, as JSON that decodes into
-# gateway_codecs.device.Command (with timestamps to the millisecond).
+# write (with the settings version the device reports), then, only for the devices that
+# need it, their open commands (marked delivered) and their settings gap. `commands` is
+# built here, as JSON that decodes into gateway_codecs.device.Command (timestamps to the
+# millisecond). Heartbeats not applied (stale, unknown or deleted device) are looked up
+# again only to tell which.
 _HEARTBEAT_SQL = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::smallint[], $5::bigint[],
@@ -160,27 +164,25 @@ WITH input AS (
                          $11::bool[])
         AS t(serial, ts, firmware, battery, used, total, signal, rec, sv, received, deliver)
 ), upd AS (
-    UPDATE devices d SET
-        last_ts = COALESCE(i.ts, d.last_ts),
-        firmware_version = COALESCE(i.firmware, d.firmware_version),
-        battery_percent = COALESCE(i.battery, d.battery_percent),
-        storage_used_mb = COALESCE(i.used, d.storage_used_mb),
-        storage_total_mb = COALESCE(i.total, d.storage_total_mb),
-        signal_strength_dbm = COALESCE(i.signal, d.signal_strength_dbm),
-        recording_state = COALESCE(i.rec::jsonb, d.recording_state),
+    UPDATE device_health h SET
+        last_ts = COALESCE(i.ts, h.last_ts),
+        firmware_version = COALESCE(i.firmware, h.firmware_version),
+        battery_percent = COALESCE(i.battery, h.battery_percent),
+        storage_used_mb = COALESCE(i.used, h.storage_used_mb),
+        storage_total_mb = COALESCE(i.total, h.storage_total_mb),
+        signal_strength_dbm = COALESCE(i.signal, h.signal_strength_dbm),
+        recording_state = COALESCE(i.rec::jsonb, h.recording_state),
+        applied_version = COALESCE(i.sv, h.applied_version),
         last_heartbeat_at = to_timestamp(i.received)
     FROM input i
-    WHERE d.serial_number = i.serial AND d.deleted_at IS NULL
-      AND (i.ts IS NULL OR d.last_ts IS NULL OR i.ts > d.last_ts)
-    RETURNING d.id, i.sv, i.deliver
-), reported AS (
-    UPDATE device_settings s SET applied_version = u.sv
-    FROM upd u
-    WHERE s.device_id = u.id AND u.sv IS NOT NULL AND s.applied_version IS DISTINCT FROM u.sv
+    WHERE h.serial_number = i.serial AND NOT h.deleted
+      AND (i.ts IS NULL OR h.last_ts IS NULL OR i.ts > h.last_ts)
+    RETURNING h.device_id, h.serial_number, i.sv, i.deliver, h.settings_version
 ), due AS (
     SELECT o.id FROM upd u CROSS JOIN LATERAL (
         SELECT c.id FROM commands c
-        WHERE c.device_id = u.id AND c.status IN ('pending', 'delivered') AND c.expires_at > now()
+        WHERE c.device_id = u.device_id AND c.status IN ('pending', 'delivered')
+          AND c.expires_at > now()
         ORDER BY c.seq LIMIT $12
     ) o
     WHERE u.deliver
@@ -198,19 +200,26 @@ WITH input AS (
         'expires_at', to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
     ) ORDER BY seq)::text AS commands
     FROM sent GROUP BY device_id
+), gap AS (
+    -- Any version but the current one needs an update: an older one a patch from history
+    -- (or the full document once out of the kept window), one never issued (newer than
+    -- current) the full document.
+    SELECT u.device_id, s.version, s.document AS current_settings, h.document AS base_settings
+    FROM upd u JOIN device_settings s ON s.device_id = u.device_id
+    LEFT JOIN device_settings_history h
+        ON h.device_id = s.device_id AND h.version = u.sv AND h.version > s.version - $13
+    WHERE u.sv IS NOT NULL AND u.sv <> u.settings_version
+), missing AS (
+    SELECT i.serial, h.device_id, h.deleted FROM input i
+    LEFT JOIN device_health h ON h.serial_number = i.serial
+    WHERE NOT EXISTS (SELECT 1 FROM upd u WHERE u.serial_number = i.serial)
 )
-SELECT i.serial, d.id AS device_id, d.deleted_at IS NOT NULL AS deleted,
-       u.id IS NOT NULL AS applied, sb.commands,
-       s.version, s.document AS current_settings, h.document AS base_settings,
-       u.sv AS reported_version
-FROM input i
-LEFT JOIN devices d ON d.serial_number = i.serial
-LEFT JOIN upd u ON u.id = d.id
-LEFT JOIN sent_by_device sb ON sb.device_id = u.id
--- Any version but the current one needs an update: an older one a patch from history (or
--- the full document once out of the kept window), one never issued (newer than current)
--- the full document.
-LEFT JOIN device_settings s ON s.device_id = u.id AND u.sv <> s.version
-LEFT JOIN device_settings_history h
-    ON h.device_id = s.device_id AND h.version = u.sv AND h.version > s.version - $13
+SELECT u.serial_number AS serial, u.device_id, false AS deleted, true AS applied, sb.commands,
+       g.version, g.current_settings, g.base_settings, u.sv AS reported_version
+FROM upd u
+LEFT JOIN sent_by_device sb ON sb.device_id = u.device_id
+LEFT JOIN gap g ON g.device_id = u.device_id
+UNION ALL
+SELECT m.serial, m.device_id, COALESCE(m.deleted, false), false, NULL, NULL, NULL, NULL, NULL
+FROM missing m
 """

@@ -30,6 +30,8 @@ class StoredKey(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _COLUMNS = "id, name, scopes, created_at, revoked_at"
+# Every process caching keys listens here; a revocation is announced in its transaction.
+CHANGES_CHANNEL = "gateway_api_keys"
 
 
 class ApiKeys(Aggregate):
@@ -64,7 +66,7 @@ class ApiKeys(Aggregate):
     async def revoke(self, key_id: str) -> tuple[ApiKey, bool] | None:
         """Revoke the key: (the key, whether this call revoked it), or None when there is
         no such key. Revoking a revoked key changes nothing."""
-        async with self._db.connection() as conn:
+        async with self._db.transaction() as conn:
             row = await conn.fetchrow(
                 "WITH previous AS (SELECT revoked_at FROM api_keys WHERE id = $1)"
                 " UPDATE api_keys SET revoked_at = COALESCE(api_keys.revoked_at, now())"
@@ -72,6 +74,8 @@ class ApiKeys(Aggregate):
                 f" RETURNING {_COLUMNS}, (SELECT revoked_at IS NULL FROM previous) AS newly",
                 key_id,
             )
+            if row is not None:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, key_id)
         if row is None:
             return None
         return ApiKey(**{name: row[name] for name in ApiKey.__struct_fields__}), row["newly"]

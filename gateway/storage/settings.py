@@ -20,9 +20,9 @@ _settings = msgspec.json.Decoder(Settings)
 _document = msgspec.json.Decoder(dict[str, Any])
 
 _SELECT = """
-    SELECT s.device_id, s.document, s.version, s.applied_version, s.updated_at
-    FROM device_settings s JOIN devices d ON d.id = s.device_id
-    WHERE s.device_id = $1 AND d.deleted_at IS NULL
+    SELECT s.device_id, s.document, s.version, h.applied_version, s.updated_at
+    FROM device_settings s JOIN device_health h ON h.device_id = s.device_id
+    WHERE s.device_id = $1 AND NOT h.deleted
 """
 
 Change = Callable[[dict[str, Any]], dict[str, Any]]
@@ -82,9 +82,12 @@ class DeviceSettingsStore(Aggregate):
             )
             updated = await conn.fetchrow(
                 "UPDATE device_settings SET document = $2, version = $3, updated_at = now()"
-                " WHERE device_id = $1"
-                " RETURNING device_id, document, version, applied_version, updated_at",
+                " WHERE device_id = $1 RETURNING device_id, document, version, updated_at",
                 device_id, document, version,
+            )
+            await conn.execute(
+                "UPDATE device_health SET settings_version = $2 WHERE device_id = $1",
+                device_id, version,
             )
         return _view(updated, applied=False)
 

@@ -253,8 +253,9 @@ class GatewayProcess:
     writes = True
 
     def __init__(self, mqtt_port: int, database_url: str, workdir: Path,
-                 pg_settings: Sequence[str] = ()) -> None:
+                 pg_settings: Sequence[str] = (), env: Sequence[str] = ()) -> None:
         self.mqtt_port = mqtt_port
+        self.extra_env = dict(item.split("=", 1) for item in env)
         # Session settings for the gateway's own connections, as DSN query parameters
         # (asyncpg passes unknown ones to the server): an experiment knob.
         self.database_url = database_url
@@ -273,6 +274,7 @@ class GatewayProcess:
 
     async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update(self.extra_env)
         with self.log_path.open("wb") as log_file:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.cli", "run",
@@ -707,7 +709,7 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
     async with contextlib.AsyncExitStack() as stack:
         broker = await stack.enter_async_context(TunedMosquitto())
         gw = GatewayProcess(broker.port, args.database_url, bench.workdir,
-                            args.gateway_pg_setting)
+                            args.gateway_pg_setting, args.gateway_env)
         rss_task: asyncio.Task[None] | None = None
 
         async def stop_gateway() -> None:
@@ -956,6 +958,8 @@ def report(results: dict[str, Any]) -> str:
     if args.get("gateway_pg_setting"):
         out.append("EXPERIMENT: the gateway's PostgreSQL sessions ran with "
                    + ", ".join(args["gateway_pg_setting"]))
+    if args.get("gateway_env"):
+        out.append("EXPERIMENT: the gateway ran with " + ", ".join(args["gateway_env"]))
     rows = []
     for name, steps in subjects(results):
         if name == "gateway":
@@ -1177,6 +1181,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-pg-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="experiment: a PostgreSQL setting for the gateway's sessions only, "
                         "e.g. plan_cache_mode=force_custom_plan (reported in the header)")
+    p.add_argument("--gateway-env", action="append", default=[], metavar="GATEWAY_X=VALUE",
+                   help="experiment: an environment variable for the gateway, e.g. "
+                        "GATEWAY_INBOX_MAX=4000 (reported in the header)")
     p.add_argument("--rss-interval", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="FILE", help="also write every figure here as JSON")
@@ -1190,6 +1197,9 @@ def main(argv: list[str] | None = None) -> int:
     for setting in args.gateway_pg_setting:
         if not re.fullmatch(r"[a-z_.]+=[^&=\s]+", setting):
             _parser().error(f"--gateway-pg-setting {setting!r}: expected NAME=VALUE")
+    for variable in args.gateway_env:
+        if not re.fullmatch(r"GATEWAY_[A-Z_]+=\S*", variable):
+            _parser().error(f"--gateway-env {variable!r}: expected GATEWAY_NAME=VALUE")
     results = run_loop(bench_main(args))
     text = report(results)
     print(text, flush=True)

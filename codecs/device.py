@@ -21,21 +21,24 @@ Text = Annotated[str, msgspec.Meta(pattern=_NO_NUL)]
 AckStatus = Literal["succeeded", "failed", "rejected"]
 
 
-class RecordingState(msgspec.Struct, omit_defaults=True):
+class RecordingState(msgspec.Struct, omit_defaults=True, gc=False):
     device_state: Text | None = None
     pending_recordings: NonNegInt | None = None
     flags: NonNegInt | None = None
     connection_type: list[Text] | None = None
 
 
-class Ack(msgspec.Struct):
+class Ack(msgspec.Struct, gc=False):
     id: Annotated[str, msgspec.Meta(max_length=64, pattern=_NO_NUL)]
     status: AckStatus
     detail: Annotated[str, msgspec.Meta(max_length=1024, pattern=_NO_NUL)] | None = None
 
 
-class Heartbeat(msgspec.Struct):
-    """A device's health report. Every field is optional; null means absent."""
+class Heartbeat(msgspec.Struct, gc=False):
+    """A device's health report. Every field is optional; null means absent.
+
+    Decoded by the thousand a second and never part of a reference cycle, so the garbage
+    collector does not track them (``gc=False``)."""
 
     ts: NonNegInt | None = None
     firmware_version: Annotated[str, msgspec.Meta(max_length=64, pattern=_NO_NUL)] | None = None

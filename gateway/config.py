@@ -198,6 +198,11 @@ ENV_FIELDS: Mapping[str, str] = {
     "GATEWAY_CLIENT_ID": "client_id",
     "GATEWAY_DYNSEC": "dynsec",
     "GATEWAY_WORKERS": "workers",
+    # Tuning (docs/operations.md, Tuning); no flags.
+    "GATEWAY_INBOX_MAX": "inbox_max",
+    "GATEWAY_BATCH_MAX": "batch_max",
+    "GATEWAY_DB_POOL_MAX": "db_pool_max",
+    "GATEWAY_REQUEST_WORKERS": "request_workers",
 }
 
 _BOOLEAN_FIELDS = frozenset(

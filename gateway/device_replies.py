@@ -7,7 +7,7 @@ database has said so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 from gateway_codecs import device as wire
 from gateway_codecs import settings as settings_schema
@@ -17,7 +17,7 @@ from gateway.config import Config
 from gateway.ingest import Rejections
 from gateway.publisher import Publisher
 from gateway.storage.commands import Finished
-from gateway.storage.heartbeats import Outcome
+from gateway.storage.heartbeats import Outcome, Written
 
 
 class DeviceReplies:
@@ -34,25 +34,27 @@ class DeviceReplies:
         self._reject = reject
         self._on_finished = on_finished
 
-    def written(self, outcomes: Sequence[Outcome], finished: Sequence[Finished]) -> None:
+    def written(self, written: Written) -> None:
+        metrics.HEARTBEATS_APPLIED.inc(written.applied)
         replies: dict[str, Outcome] = {}
-        for outcome in outcomes:
+        stale = 0
+        for outcome in written.outcomes:
             if outcome.device_id is None:
                 self._reject("unknown_device", outcome.serial, "no device has this serial number")
             elif outcome.deleted:
                 self._reject("deleted_device", outcome.serial, "the device is deleted")
             elif not outcome.applied:
-                metrics.HEARTBEATS_STALE.inc()
+                stale += 1
             else:
-                metrics.HEARTBEATS_APPLIED.inc()
                 replies[outcome.serial] = outcome
+        metrics.HEARTBEATS_STALE.inc(stale)
         for serial, outcome in replies.items():
             if outcome.commands:
                 self._send_commands(serial, outcome.commands)
             if outcome.settings_version is not None:
                 self._send_settings(serial, outcome)
-        if finished:
-            self._on_finished(finished)
+        if written.finished:
+            self._on_finished(written.finished)
 
     def _send_commands(self, serial: str, commands: list[wire.Command]) -> None:
         payload = wire.encode(wire.CommandBatch(commands))

@@ -9,7 +9,7 @@ database; the writer takes batches out and puts a failed batch back in front.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway_codecs import device as wire
 
@@ -32,12 +32,14 @@ def receipts_of(batch: Batch) -> list[int]:
 class Pending:
     heartbeat: wire.Heartbeat
     received: float  # becomes last_heartbeat_at
-    extra_acks: list[wire.Ack] = field(default_factory=list)
+    # Acks of the entries folded into this one (tuples: the garbage collector stops
+    # tracking a tuple of untracked items, and thousands of entries are alive at once).
+    extra_acks: tuple[wire.Ack, ...] = ()
     # When this entry superseded older ones: the oldest one's receive time (for the lag).
     first_received: float | None = None
     # The messages to acknowledge once this entry is written: its own, and those of the
     # entries folded into it.
-    receipts: list[int] = field(default_factory=list)
+    receipts: tuple[int, ...] = ()
 
     def supersedes(self, older: Pending) -> bool:
         """True when applying self alone leaves the same state as older then self.
@@ -59,13 +61,13 @@ class Pending:
     def absorb(self, older: Pending) -> None:
         """Take over what older still has to do once self replaces it: its acks, and its
         messages' acknowledgements."""
-        self.extra_acks = [*older.extra_acks, *(older.heartbeat.acks or ()), *self.extra_acks]
+        self.extra_acks = (*older.extra_acks, *(older.heartbeat.acks or ()), *self.extra_acks)
         self.first_received = older.first_received or older.received
-        self.receipts = [*older.receipts, *self.receipts]
+        self.receipts = (*older.receipts, *self.receipts)
 
     @property
-    def acks(self) -> list[wire.Ack]:
-        return [*self.extra_acks, *(self.heartbeat.acks or ())]
+    def acks(self) -> tuple[wire.Ack, ...]:
+        return (*self.extra_acks, *(self.heartbeat.acks or ()))
 
 
 def fold(queue: list[Pending], entry: Pending) -> int | None:
@@ -80,8 +82,8 @@ def fold(queue: list[Pending], entry: Pending) -> int | None:
         return None
     new, last = entry.heartbeat, queue[-1].heartbeat
     if new.ts is not None and last.ts is not None and new.ts <= last.ts:
-        queue[-1].extra_acks = [*queue[-1].extra_acks, *entry.acks]
-        queue[-1].receipts.extend(entry.receipts)
+        queue[-1].extra_acks = (*queue[-1].extra_acks, *entry.acks)
+        queue[-1].receipts = (*queue[-1].receipts, *entry.receipts)
         metrics.HEARTBEATS_STALE.inc()
         return 0
     removed = 0
@@ -134,7 +136,6 @@ class HeartbeatBuffer:
                 queue.append(entry)
             change = 1
         self._count += change
-        metrics.INBOX_DEPTH.set(self._count)
         self.ready.set()
         return True
 
@@ -158,6 +159,7 @@ class HeartbeatBuffer:
     def done(self) -> None:
         """The batch taken last is written (or given up): it no longer counts."""
         self._taken = 0
+        metrics.INBOX_DEPTH.set(self._count)
 
     def requeue(self, batch: Batch) -> None:
         """Put a batch back in front after a failed write; newer arrivals stay behind it,

@@ -102,22 +102,27 @@ class _Protocol(asyncio.Protocol):
         size = len(data)
         at = 0
         link = self._link
+        publishes = 0
         try:
             while at + 2 <= size and not self.paused:
                 first = data[at]
-                # The remaining length: one byte for nearly every heartbeat.
+                # The remaining length: one or two bytes for nearly every heartbeat.
                 length = data[at + 1]
                 body = at + 2
                 if length & 0x80:
-                    found = packets.read_varint(view, at + 1)
-                    if found is None:
-                        break
-                    length, body = found
+                    if at + 3 <= size and not data[at + 2] & 0x80:
+                        length = (length & 0x7F) | data[at + 2] << 7
+                        body = at + 3
+                    else:
+                        found = packets.read_varint(view, at + 1)
+                        if found is None:
+                            break
+                        length, body = found
                 end = body + length
                 if end > size:
                     break
                 if first & 0xF0 == packets.PUBLISH:
-                    self._publish(first, view, body, end, now)
+                    publishes += self._publish(first, view, body, end, now)
                     if not link.accepting():
                         # Backpressure: the buffer is full. Stop reading until it has
                         # room; the broker keeps the rest (`HeartbeatLink.resume`).
@@ -133,9 +138,11 @@ class _Protocol(asyncio.Protocol):
             assert self.transport is not None
             self.transport.abort()
             return
+        finally:
+            metrics.HEARTBEATS_RECEIVED.inc(publishes)
         self._rest = data[at:] if at < size else b""
 
-    def _publish(self, first: int, view: memoryview, at: int, end: int, now: float) -> None:
+    def _publish(self, first: int, view: memoryview, at: int, end: int, now: float) -> bool:
         topic_end = at + 2 + (view[at] << 8 | view[at + 1])
         topic = bytes(view[at + 2:topic_end]).decode("utf-8", "replace")
         at = topic_end
@@ -150,7 +157,7 @@ class _Protocol(asyncio.Protocol):
         else:
             props, at = packets.properties(view, at)
             content_type = props.content_type
-        self._link.deliver(topic, bytes(view[at:end]), content_type, receipt, now)
+        return self._link.deliver(topic, bytes(view[at:end]), content_type, receipt, now)
 
     def _control(self, first: int, body: bytes) -> None:
         kind = first & 0xF0
@@ -340,15 +347,17 @@ class HeartbeatLink:
         self._held = True
 
     def deliver(self, topic: str, payload: bytes, content_type: str | None, receipt: int,
-                received: float) -> None:
+                received: float) -> bool:
+        """Hand a message on; True when it was a heartbeat taken in."""
         if self._held:
-            return
+            return False
         if topic == self._barrier_topic:
             self.done((receipt,))
             if self._barrier is not None and not self._barrier.done():
                 self._barrier.set_result(None)
-            return
+            return False
         self._on_publish(topic, payload, content_type, receipt, received)
+        return True
 
     def done(self, receipts: Iterable[int]) -> None:
         """The work of these messages is done: acknowledge them (in arrival order)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import msgspec
 import structlog
@@ -20,8 +20,7 @@ from gateway.errors import BatchFailed, StorageUnavailable
 from gateway.heartbeat_buffer import Batch, HeartbeatBuffer, receipts_of
 from gateway.ingest import Rejections
 from gateway.logs import RateLimitedLog
-from gateway.storage.commands import Finished
-from gateway.storage.heartbeats import AckColumns, HeartbeatColumns, Heartbeats, Outcome
+from gateway.storage.heartbeats import AckColumns, HeartbeatColumns, Heartbeats, Written
 
 log = structlog.get_logger("gateway.heartbeat_writer")
 
@@ -35,7 +34,7 @@ class BatchWriter:
         buffer: HeartbeatBuffer,
         heartbeats: Heartbeats,
         reject: Rejections,
-        on_written: Callable[[Sequence[Outcome], Sequence[Finished]], None],
+        on_written: Callable[[Written], None],
         done: Callable[[Iterable[int]], None],
         *,
         batch_max: int,
@@ -86,7 +85,7 @@ class BatchWriter:
 
     async def _write(self, batch: Batch) -> None:
         try:
-            outcomes, finished = await self._heartbeats.apply(rounds(batch), acks(batch))
+            written = await self._heartbeats.apply(rounds(batch), acks(batch))
         except StorageUnavailable as exc:
             allowed, suppressed = self._outage_log.allow()
             if allowed:
@@ -104,7 +103,7 @@ class BatchWriter:
         for queue in batch.values():
             for entry in queue:
                 metrics.HEARTBEAT_LAG.observe(committed - (entry.first_received or entry.received))
-        self._on_written(outcomes, finished)
+        self._on_written(written)
         self._done(receipts_of(batch))
 
     async def _write_failed(self, batch: Batch, exc: BatchFailed) -> None:

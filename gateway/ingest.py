@@ -56,7 +56,8 @@ class Intake:
 
     def accept(self, topic: str, payload: bytes, content_type: str | None, receipt: int,
                received: float) -> None:
-        metrics.HEARTBEATS_RECEIVED.inc()
+        """One heartbeat message (``gateway_heartbeats_received_total`` is counted by the
+        link, per socketful)."""
         serial = topic[len(self._prefix):-len("/heartbeat")]
         if not topic.startswith(self._prefix) or not serial or "/" in serial:
             self._rejected(receipt, "bad_topic", None, "topic is not devices/{serial}/heartbeat")
@@ -73,7 +74,7 @@ class Intake:
                 return
             if abs(heartbeat.ts * _SECONDS_FACTOR - now_ms) < 86_400_000:
                 self._warn_seconds(serial, heartbeat.ts)
-        if not self._buffer.add(serial, Pending(heartbeat, received, receipts=[receipt])):
+        if not self._buffer.add(serial, Pending(heartbeat, received, receipts=(receipt,))):
             # Not reached while the buffer's bound is the connection's in-flight window.
             self._rejected(receipt, "overflow", serial, "heartbeat buffer is full")
 

@@ -34,8 +34,8 @@ async def test_the_batch_statement_builds_commands_that_decode_into_the_struct(
             await storage.commands.create("dev_batch", f"cmd_batch{n}", "locate", params,
                                           dt.timedelta(hours=1), None)
         batch = {"SN-BATCH": [Pending(Heartbeat(ts=now_ms()), time.time())]}
-        outcomes, _ = await storage.heartbeats.apply(heartbeat_writer.rounds(batch), None)
-    (outcome,) = outcomes
+        written = await storage.heartbeats.apply(heartbeat_writer.rounds(batch), None)
+    (outcome,) = written.outcomes
     assert [command.id for command in outcome.commands] == ["cmd_batch0", "cmd_batch1"]
     encoded = msgspec.json.encode(CommandBatch(outcome.commands))
     strict = msgspec.json.decode(encoded, type=CommandBatch, strict=True)

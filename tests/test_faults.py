@@ -463,12 +463,13 @@ async def test_cancel_racing_a_heartbeat_never_redelivers(database_url: str,
                 " AND wait_event_type = 'Lock'"), 10)
             assert not batch.done(), "the batch did not wait for the row lock"
             await cancel.commit()
-            outcomes, _ = await asyncio.wait_for(batch, 5)
+            written = await asyncio.wait_for(batch, 5)
         finally:
             await canceller.close()
     command = await db.fetchrow("SELECT status, attempts FROM commands WHERE id = 'cmd_race'")
     assert (command["status"], command["attempts"]) == ("canceled", 0)
-    assert outcomes[0].commands == []
+    # Applied, and nothing to send: no command went out.
+    assert written.applied == 1 and written.outcomes == []
 
 
 # ---- 4. graceful shutdown -----------------------------------------------------------------

@@ -66,7 +66,8 @@ class AckColumns:
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
-    """What became of one heartbeat of the batch, and what its device must be sent."""
+    """A heartbeat of the batch that needs attention: one applied whose device must be
+    sent something, or one not applied (stale, or an unknown or deleted device)."""
 
     serial: str
     device_id: str | None  # None: no device has this serial
@@ -77,6 +78,15 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     current_settings: dict[str, Any] | None
     base_settings: dict[str, Any] | None  # the version the device has, if still kept
     reported_version: int | None
+
+
+class Written(msgspec.Struct, kw_only=True):
+    """What a batch did: the heartbeats needing attention, how many were applied in all,
+    and the commands the batch's acks finished."""
+
+    outcomes: list[Outcome]
+    applied: int
+    finished: list[Finished]
 
 
 def _outcome(row: asyncpg.Record) -> Outcome:
@@ -97,10 +107,9 @@ def _outcome(row: asyncpg.Record) -> Outcome:
 class Heartbeats(Aggregate):
     async def apply(
         self, rounds: Sequence[HeartbeatColumns], acks: AckColumns | None
-    ) -> tuple[list[Outcome], list[Finished]]:
+    ) -> Written:
         """Apply a heartbeat batch in one transaction: acks first, then each round.
 
-        Returns one outcome per input heartbeat, and the commands the acks finished.
         Raises ``BatchFailed`` when PostgreSQL refuses the batch.
         """
         try:
@@ -116,7 +125,7 @@ class Heartbeats(Aggregate):
                             _ACK_SQL, acks.serials, acks.ids, acks.statuses, acks.details
                         )
                     ]
-                outcomes: list[Outcome] = []
+                written = Written(outcomes=[], applied=0, finished=finished)
                 for columns in rounds:
                     rows = await conn.fetch(
                         _HEARTBEAT_SQL,
@@ -125,12 +134,16 @@ class Heartbeats(Aggregate):
                         columns.recording_state, columns.settings_version,
                         columns.received, columns.deliver, COMMANDS_PER_MESSAGE, HISTORY_KEEP,
                     )
-                    outcomes.extend(map(_outcome, rows))
+                    for row in rows:
+                        if row["serial"] is None:
+                            written.applied += row["version"]
+                        else:
+                            written.outcomes.append(_outcome(row))
         except asyncpg.PostgresError as exc:
             raise BatchFailed(
                 f"{type(exc).__name__}: {exc}", retryable=isinstance(exc, _RETRYABLE)
             ) from exc
-        return outcomes, finished
+        return written
 
 
 # NO KEY UPDATE, not UPDATE: it still serialises with the other writers of a device row,
@@ -153,7 +166,8 @@ RETURNING c.id, c.device_id, c.type, c.status
 
 # One round of heartbeats (one row per serial) in one statement: the ts-guarded health
 # write (with the settings version the device reports), then, only for the devices that
-# need it, their open commands (marked delivered) and their settings gap. `commands` is
+# need it (and only with a device's last heartbeat of the batch, `deliver`), its open
+# commands (marked delivered) and its settings gap. `commands` is
 # built here, as JSON that decodes into gateway_codecs.device.Command (timestamps to the
 # millisecond). Heartbeats not applied (stale, unknown or deleted device) are looked up
 # again only to tell which.
@@ -208,18 +222,23 @@ WITH input AS (
     FROM upd u JOIN device_settings s ON s.device_id = u.device_id
     LEFT JOIN device_settings_history h
         ON h.device_id = s.device_id AND h.version = u.sv AND h.version > s.version - $13
-    WHERE u.sv IS NOT NULL AND u.sv <> u.settings_version
+    WHERE u.deliver AND u.sv IS NOT NULL AND u.sv <> u.settings_version
 ), missing AS (
     SELECT i.serial, h.device_id, h.deleted FROM input i
     LEFT JOIN device_health h ON h.serial_number = i.serial
     WHERE NOT EXISTS (SELECT 1 FROM upd u WHERE u.serial_number = i.serial)
 )
+-- Rows only for what needs the gateway's attention: applied heartbeats with something to
+-- send, heartbeats not applied; then one row counting every heartbeat applied.
 SELECT u.serial_number AS serial, u.device_id, false AS deleted, true AS applied, sb.commands,
        g.version, g.current_settings, g.base_settings, u.sv AS reported_version
 FROM upd u
 LEFT JOIN sent_by_device sb ON sb.device_id = u.device_id
 LEFT JOIN gap g ON g.device_id = u.device_id
+WHERE sb.commands IS NOT NULL OR g.version IS NOT NULL
 UNION ALL
 SELECT m.serial, m.device_id, COALESCE(m.deleted, false), false, NULL, NULL, NULL, NULL, NULL
 FROM missing m
+UNION ALL
+SELECT NULL, NULL, false, true, NULL, (SELECT count(*) FROM upd)::int, NULL, NULL, NULL
 """

@@ -142,11 +142,10 @@ class CommandQuery(Query):
 Timestamp = str  # ISO 8601 UTC to the millisecond, with a Z: 2025-01-15T12:00:00.000Z
 
 
-class Device(msgspec.Struct, kw_only=True):
-    """The device object, returned by every device route."""
+class Device(msgspec.Struct, kw_only=True, tag_field="object", tag="device"):
+    """The device object, returned by every device route (``"object": "device"``)."""
 
     id: str
-    object: Literal["device"] = "device"
     serial_number: str
     device_type: str | None
     model: str | None
@@ -183,11 +182,10 @@ class CommandResult(msgspec.Struct):
     detail: str | None
 
 
-class Command(msgspec.Struct, kw_only=True):
-    """The command object."""
+class Command(msgspec.Struct, kw_only=True, tag_field="object", tag="command"):
+    """The command object (``"object": "command"``)."""
 
     id: str
-    object: Literal["command"] = "command"
     device_id: str
     type: str
     params: dict[str, Any]

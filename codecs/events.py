@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
-
 from gateway_codecs.registry import Command, Device
 from gateway_codecs.validation import NUL_RULE, rule
 

@@ -24,6 +24,7 @@ COMMAND_TYPE_PATTERN = r"^[a-z][a-z0-9_]{0,63}(?!\n)$"
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
 MAX_TTL_SECONDS = 30 * 24 * 3600
 MAX_OPEN_COMMANDS = 50
+MAX_BATCH = 1000  # items of one POST /v1/devices/batch
 COMMANDS_PER_MESSAGE = 16
 COMMAND_STATUSES = ("pending", "delivered", "succeeded", "failed", "rejected", "expired",
                     "canceled")
@@ -54,8 +55,8 @@ CommandStatus = Literal["pending", "delivered", "succeeded", "failed", "rejected
                         "canceled"]
 
 
-class Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A request body of a ``/v1`` route."""
+class Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """A request body of a ``/v1`` route (encoded by clients without its defaults)."""
 
 
 class Empty(Body):
@@ -69,6 +70,17 @@ class RegisterDevice(Body):
     device_type: Text64 | None = None
     firmware_version: Text64 | None = None
     metadata: JsonObject | None = None
+
+
+class RegisterBatch(Body):
+    """``POST /v1/devices/batch``: each item a `RegisterDevice` body, checked one by one,
+    so that one bad item fails alone."""
+
+    devices: Annotated[
+        list[dict[str, Any]],
+        msgspec.Meta(min_length=1, max_length=MAX_BATCH,
+                     extra=rule(f"Must be a list of 1 to {MAX_BATCH} objects")),
+    ]
 
 
 class PatchDevice(Body):
@@ -258,3 +270,19 @@ class ErrorBody(msgspec.Struct):
     """Every ``/v1`` error: ``{"error": {"type", "message", "details"?}}``."""
 
     error: Error
+
+
+class Registration(msgspec.Struct, kw_only=True):
+    """One item's outcome in a batch: the device (201 new, 200 already registered), or
+    the error a single registration would have answered (400, 409)."""
+
+    status: int
+    device: Device | UnsetType = UNSET
+    error: Error | UnsetType = UNSET
+
+
+class RegistrationList(msgspec.Struct, kw_only=True):
+    """``POST /v1/devices/batch``: one `Registration` per item, in input order."""
+
+    object: Literal["list"] = "list"
+    data: list[Registration]

@@ -36,10 +36,12 @@ from gateway.errors import (
 from gateway.router import Reply, Route, Router
 from gateway.storage import Storage
 from gateway.storage.database import iso
+from gateway.storage.devices import NewDevice
 
 log = structlog.get_logger("gateway.routes")
 
 TELEMETRON_PREFIX = "/api/ext-v1/"
+REGISTER_INVALID = "Invalid device"  # the message of a registration's validation error
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -87,6 +89,35 @@ async def register_device(ctx: Context, body: wire.RegisterDevice) -> Reply:
         body.metadata,
     )
     return (201 if created else 200), device
+
+
+async def register_devices(ctx: Context, body: wire.RegisterBatch) -> Reply:
+    """Each item as `register_device` would answer it; the valid ones go to the database
+    together."""
+    results: list[wire.Registration | None] = []
+    batch: list[NewDevice] = []
+    for item in body.devices:
+        try:
+            one = convert(item, wire.RegisterDevice, message=REGISTER_INVALID)
+        except Invalid as exc:
+            results.append(wire.Registration(
+                status=400, error=ValidationFailed(exc.message, exc.details).body().error))
+            continue
+        results.append(None)
+        batch.append(NewDevice(new_id("dev_"), one.serial_number, one.device_type,
+                               one.firmware_version, one.metadata))
+    outcomes = iter(await ctx.storage.devices.register_batch(batch))
+    data = []
+    for result in results:
+        if result is None:
+            outcome = next(outcomes)
+            if isinstance(outcome, Conflict):
+                result = wire.Registration(status=outcome.status, error=outcome.body().error)
+            else:
+                device, created = outcome
+                result = wire.Registration(status=201 if created else 200, device=device)
+        data.append(result)
+    return 200, wire.RegistrationList(data=data)
 
 
 async def list_devices(ctx: Context, query: wire.DeviceQuery) -> Reply:
@@ -282,7 +313,10 @@ async def telemetron_upsert(ctx: Context, _: None) -> Reply:
 
 R, W = auth.READ, auth.WRITE
 ROUTES: tuple[Route[Any], ...] = (
-    Route("POST", "/v1/devices", W, register_device, wire.RegisterDevice, invalid="Invalid device"),
+    Route("POST", "/v1/devices", W, register_device, wire.RegisterDevice,
+          invalid=REGISTER_INVALID),
+    Route("POST", "/v1/devices/batch", W, register_devices, wire.RegisterBatch,
+          invalid="Invalid batch"),
     Route("GET", "/v1/devices", R, list_devices, wire.DeviceQuery, "query", "Invalid query"),
     Route("GET", "/v1/devices/{id}", R, get_device, source="none"),
     Route("PATCH", "/v1/devices/{id}", W, patch_device, wire.PatchDevice,

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import asyncpg
 import msgspec
 from gateway_codecs.device import RecordingState
 from gateway_codecs.registry import Device, model_of
-from gateway_codecs.settings import Settings
+from gateway_codecs.settings import Settings, defaults
 
 from gateway.errors import Conflict, NotFound
 from gateway.storage import settings as settings_store
@@ -64,6 +64,18 @@ def device(row: Mapping[str, Any]) -> Device:
 
 # A device's change from PATCH: (firmware, metadata) to write, or None for no change.
 DeviceChange = Callable[[Device], "tuple[str | None, dict[str, Any] | None] | None"]
+# A registration's outcome: the device, and whether this call created it.
+Registered = tuple[Device, bool]
+
+
+class NewDevice(NamedTuple):
+    """A device to register, with the id it gets if its serial is new."""
+
+    id: str
+    serial: str
+    device_type: str | None = None
+    firmware: str | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class Devices(Aggregate):
@@ -74,22 +86,51 @@ class Devices(Aggregate):
         device_type: str | None,
         firmware: str | None,
         metadata: dict[str, Any] | None,
-    ) -> tuple[Device, bool]:
+    ) -> Registered:
         """Insert a device at settings version 1: (device, created). 409 if deleted."""
+        [outcome] = await self.register_batch(
+            [NewDevice(device_id, serial, device_type, firmware, metadata)]
+        )
+        if isinstance(outcome, Conflict):
+            raise outcome
+        return outcome
+
+    async def register_batch(self, batch: Sequence[NewDevice]) -> list[Registered | Conflict]:
+        """Register devices together, each as `register` would: one outcome per item, in
+        order, either (device, created) or the Conflict of a deleted device's serial.
+
+        One statement for the whole batch (`_REGISTER_SQL`): the devices rows, and for
+        each new one its device_health, device_settings and first settings history rows.
+        A serial given twice is registered by its first item; the later ones read the
+        device as already registered, as sequential registrations would.
+        """
+        firsts: dict[str, NewDevice] = {}
+        for new in batch:
+            firsts.setdefault(new.serial, new)
+        items = list(firsts.values())
         async with self._db.transaction() as conn:
-            inserted = await conn.fetchval(
-                "INSERT INTO devices (id, serial_number, device_type, metadata)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (serial_number) DO NOTHING"
-                " RETURNING id",
-                device_id, serial, device_type, metadata,
+            rows = await conn.fetch(
+                _REGISTER_SQL,
+                [new.id for new in items], [new.serial for new in items],
+                [new.device_type for new in items], [new.firmware for new in items],
+                [new.metadata for new in items], defaults(),
             )
-            if inserted is not None:
-                await _insert_health(conn, device_id, serial, firmware)
-                await settings_store.insert_defaults(conn, device_id)
-            row = await conn.fetchrow(SELECT + " WHERE d.serial_number = $1", serial)
-        if row["deleted_at"] is not None:
-            raise Conflict(f"Serial number {serial} belongs to a deleted device")
-        return device(row), inserted is not None
+            by_serial = {row["serial_number"]: row for row in rows}
+            missing = [serial for serial in firsts if serial not in by_serial]
+            if missing:
+                # Registered by a transaction that committed after this statement's
+                # snapshot was taken (it waited for that one's insert): read them now.
+                rows = await conn.fetch(SELECT + " WHERE d.serial_number = ANY($1)", missing)
+                by_serial.update((row["serial_number"], row) for row in rows)
+        outcomes: list[Registered | Conflict] = []
+        for new in batch:
+            row = by_serial[new.serial]
+            if row["deleted_at"] is not None:
+                outcomes.append(Conflict(f"Serial number {new.serial} belongs to a deleted "
+                                         "device"))
+            else:  # created by this batch when it has the id proposed by this very item
+                outcomes.append((device(row), row["id"] == new.id))
+        return outcomes
 
     async def upsert(
         self,
@@ -283,4 +324,39 @@ ON CONFLICT (serial_number) DO UPDATE SET
     updated_at = now()
 WHERE devices.deleted_at IS NULL
 RETURNING id, (xmax = 0) AS created
+"""
+
+# Registration of a batch, in one statement. The first part inserts what is new; the
+# final SELECT answers every serial: new devices from what was inserted (the statement
+# cannot read its own inserts), the others as they were when it started.
+_REGISTER_SQL = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+        WITH ORDINALITY AS i (id, serial_number, device_type, firmware_version, metadata, n)
+), inserted AS (
+    INSERT INTO devices (id, serial_number, device_type, metadata)
+    SELECT id, serial_number, device_type, metadata FROM input ORDER BY n
+    ON CONFLICT (serial_number) DO NOTHING
+    RETURNING id, serial_number, device_type, metadata, created_at, updated_at
+), health AS (
+    INSERT INTO device_health (device_id, serial_number, firmware_version)
+    SELECT ins.id, ins.serial_number, i.firmware_version
+    FROM inserted ins JOIN input i USING (id)
+), settings AS (
+    INSERT INTO device_settings (device_id, document, version)
+    SELECT id, $6::json, 1 FROM inserted
+), history AS (
+    INSERT INTO device_settings_history (device_id, version, document)
+    SELECT id, 1, $6::json FROM inserted
+)
+SELECT ins.id, ins.serial_number, ins.device_type, i.firmware_version,
+       NULL::text AS end_user_id, NULL::timestamptz AS bound_at,
+       NULL::smallint AS battery_percent, NULL::bigint AS storage_used_mb,
+       NULL::bigint AS storage_total_mb, NULL::smallint AS signal_strength_dbm,
+       NULL::timestamptz AS last_heartbeat_at, NULL::jsonb AS recording_state,
+       ins.metadata, $6::json AS settings, ins.created_at, ins.updated_at,
+       NULL::timestamptz AS deleted_at
+FROM inserted ins JOIN input i USING (id)
+UNION ALL
+{SELECT} WHERE d.serial_number = ANY($2::text[])
 """

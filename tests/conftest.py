@@ -19,7 +19,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import itertools
 import os
 import socket
 import uuid
@@ -33,6 +32,7 @@ import pytest
 
 from gateway import auth, logs
 from gateway.app import Gateway
+from gateway.client import GatewayClient
 from gateway.config import Config
 from gateway.storage import Storage, migrate
 
@@ -225,39 +225,37 @@ async def api_key(database_url: str) -> str:
 
 
 class Caller:
-    """A backend service calling the gateway over MQTT request/reply."""
+    """A backend service calling the gateway over MQTT request/reply: a `GatewayClient`
+    (``self.gateway``) whose API key is chosen per call.
 
-    _ids = itertools.count(1)
+    ``call`` reaches any route and returns (status, body), with no retries. ``send``
+    publishes a hand-made envelope (malformed ones included) and returns the reply as
+    decoded JSON, its MQTT 5 properties under ``_properties``. Replies nobody waited for
+    land in ``unmatched``. ``client`` is the MQTT connection, for raw publishes.
+    """
 
     def __init__(self, client: aiomqtt.Client, prefix: str, reply_topic: str, key: str | None,
-                 v5: bool) -> None:
+                 v5: bool, gateway: GatewayClient | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.reply_topic = reply_topic
         self.key = key
         self.v5 = v5
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.unmatched: list[dict[str, Any]] = []
+        # Over a connection made elsewhere (its owner runs `_read`), or the caller's own.
+        self.gateway = gateway or GatewayClient.attach(
+            client, reply_topic=reply_topic, topic_prefix=prefix,
+            protocol=5 if v5 else "3.1.1", retries=0)
+        self.gateway.on_unmatched = lambda message: self.unmatched.append(_decoded(message))
 
     async def _read(self) -> None:
-        async for message in self.client.messages:
-            assert isinstance(message.payload, bytes)
-            reply = msgspec.json.decode(message.payload)
-            reply["_properties"] = message.properties
-            future = self._waiting.pop(str(reply.get("correlation_id")), None)
-            if future is not None and not future.done():
-                future.set_result(reply)
-            else:
-                self.unmatched.append(reply)
+        await self.gateway.read()
 
-    async def send(self, payload: bytes, correlation: str | None = None,
-                   properties: Any = None, timeout: float = 10) -> dict[str, Any]:
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        if correlation is not None:
-            self._waiting[correlation] = future
-        await self.client.publish(f"{self.prefix}/api/v1/requests", payload, qos=1,
-                                  properties=properties)
-        return await asyncio.wait_for(future, timeout)
+    async def send(self, payload: bytes, correlation: str, properties: Any = None,
+                   timeout: float = 10) -> dict[str, Any]:
+        _, message = await self.gateway.send_raw(payload, correlation, properties=properties,
+                                                 timeout=timeout)
+        return _decoded(message)
 
     async def call(
         self,
@@ -269,38 +267,27 @@ class Caller:
         headers: dict[str, str] | None = None,
         key: str | None = "default",
     ) -> tuple[int, Any]:
-        correlation = str(next(self._ids))
         all_headers = dict(headers or {})
         key = self.key if key == "default" else key
         if key is not None and not any(h.lower() in ("authorization", "x-api-key")
                                        for h in all_headers):
             all_headers["authorization"] = f"Bearer {key}"
-        envelope: dict[str, Any] = {"method": method, "path": path, "headers": all_headers,
-                                    "reply_to": self.reply_topic,
-                                    "correlation_id": correlation}
-        if query:
-            envelope["query"] = query
-        if body is not None:
-            envelope["body"] = body
-        reply = await self.send(msgspec.json.encode(envelope), correlation)
-        return reply["status"], reply.get("body")
+        return await self.gateway.call(method, path, body, query, all_headers,
+                                       idempotent=False)
+
+
+def _decoded(message: aiomqtt.Message) -> dict[str, Any]:
+    assert isinstance(message.payload, bytes)
+    reply: dict[str, Any] = msgspec.json.decode(message.payload)
+    reply["_properties"] = message.properties
+    return reply
 
 
 @contextlib.asynccontextmanager
 async def caller(prefix: str, key: str | None, *, v5: bool = True) -> AsyncIterator[Caller]:
-    protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
-    reply_topic = f"{prefix}/api/v1/replies/{uuid.uuid4().hex[:8]}"
-    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, protocol=protocol,
-                              socket_options=NODELAY) as client:
-        await client.subscribe(reply_topic, qos=1)
-        c = Caller(client, prefix, reply_topic, key, v5)
-        reader = asyncio.create_task(c._read())
-        try:
-            yield c
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
+    async with GatewayClient(MQTT_URL, topic_prefix=prefix, protocol=5 if v5 else "3.1.1",
+                             retries=0) as gateway:
+        yield Caller(gateway.mqtt, prefix, gateway.reply_topic, key, v5, gateway)
 
 
 @pytest.fixture

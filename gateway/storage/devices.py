@@ -333,9 +333,16 @@ _REGISTER_SQL = f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
         WITH ORDINALITY AS i (id, serial_number, device_type, firmware_version, metadata, n)
+), numbered AS MATERIALIZED (
+    -- Positions in input order, so that the list (newest first) has them in that order.
+    SELECT i.*, nextval(pg_get_serial_sequence('devices', 'seq')) AS seq
+    FROM input i ORDER BY n
 ), inserted AS (
-    INSERT INTO devices (id, serial_number, device_type, metadata)
-    SELECT id, serial_number, device_type, metadata FROM input ORDER BY n
+    INSERT INTO devices (id, seq, serial_number, device_type, metadata)
+    SELECT id, seq, serial_number, device_type, metadata FROM numbered
+    -- In serial order: batches in flight together then wait for each other's serials in
+    -- one order, never in a cycle (a deadlock).
+    ORDER BY serial_number
     ON CONFLICT (serial_number) DO NOTHING
     RETURNING id, serial_number, device_type, metadata, created_at, updated_at
 ), health AS (

@@ -396,9 +396,10 @@ class GatewayClient:
             try:
                 reply, _ = await self.send_raw(_encode(request), correlation,
                                                properties=properties, timeout=timeout)
-            except RequestTimeout:
+            except RequestTimeout as exc:
                 if last:
-                    raise
+                    tries = f" ({attempts} attempts)" if attempts > 1 else ""
+                    raise RequestTimeout(f"{exc}{tries}") from exc
             else:
                 if reply.status != Unavailable.status or last:
                     return reply
@@ -560,12 +561,14 @@ class DevicesApi:
         status: Literal["bound", "unbound"] | None = None,
         end_user_id: str | None = None,
         serial_number: str | None = None,
+        starting_after: str | None = None,
         page_size: int = 100,
     ) -> AsyncIterator[wire.Device]:
-        """Every device, newest first, fetched ``page_size`` at a time (at most 100) with
-        ``starting_after``; the filters as ``GET /v1/devices`` has them."""
+        """Every device (after the device ``starting_after``), newest first, fetched
+        ``page_size`` at a time (at most 100), each next page after the last device of
+        the one before; the filters as ``GET /v1/devices`` has them."""
         query = {"limit": _limit(page_size), "status": status, "end_user_id": end_user_id,
-                 "serial_number": serial_number}
+                 "serial_number": serial_number, "starting_after": starting_after}
         return self._client._pages(wire.DeviceList, "/v1/devices", query, "starting_after")
 
     async def update(
@@ -702,10 +705,12 @@ class CommandsApi:
 
     def list(
         self, device_id: str, *, status: wire.CommandStatus | None = None,
-        page_size: int = 100,
+        starting_after: str | None = None, page_size: int = 100,
     ) -> AsyncIterator[wire.Command]:
-        """Every command of the device, newest first, page after page."""
-        query = {"limit": _limit(page_size), "status": status}
+        """Every command of the device (after ``starting_after``), newest first, page
+        after page."""
+        query = {"limit": _limit(page_size), "status": status,
+                 "starting_after": starting_after}
         return self._client._pages(wire.CommandList, f"/v1/devices/{device_id}/commands",
                                    query, "starting_after")
 

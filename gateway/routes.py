@@ -19,7 +19,7 @@ import structlog
 from gateway_codecs import registry as wire
 from gateway_codecs import settings as settings_schema
 from gateway_codecs.api import Request
-from gateway_codecs.validation import ErrorDetail, Invalid, convert
+from gateway_codecs.validation import ErrorDetail, Invalid, convert, free_of_nul
 
 from gateway import auth
 from gateway.dynsec import DeviceAccess
@@ -43,10 +43,18 @@ log = structlog.get_logger("gateway.routes")
 TELEMETRON_PREFIX = "/api/ext-v1/"
 REGISTER_INVALID = "Invalid device"  # the message of a registration's validation error
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_SPACE = len(_ID_ALPHABET) ** 20
 
 
 def new_id(prefix: str) -> str:
-    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
+    """``prefix`` and 20 random characters of ``a-z0-9``, each uniform (one draw from the
+    OS's generator for all 20, which a batch of 1,000 registrations notices)."""
+    number = secrets.randbelow(_ID_SPACE)
+    digits = []
+    for _ in range(20):
+        number, digit = divmod(number, 36)
+        digits.append(_ID_ALPHABET[digit])
+    return prefix + "".join(digits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +106,7 @@ async def register_devices(ctx: Context, body: wire.RegisterBatch) -> Reply:
     batch: list[NewDevice] = []
     for item in body.devices:
         try:
-            one = convert(item, wire.RegisterDevice, message=REGISTER_INVALID)
+            one = _registration(item)
         except Invalid as exc:
             results.append(wire.Registration(
                 status=400, error=ValidationFailed(exc.message, exc.details).body().error))
@@ -118,6 +126,24 @@ async def register_devices(ctx: Context, body: wire.RegisterBatch) -> Reply:
                 result = wire.Registration(status=201 if created else 200, device=device)
         data.append(result)
     return 200, wire.RegistrationList(data=data)
+
+
+def _registration(item: dict[str, Any]) -> wire.RegisterDevice:
+    """One item of a batch as a `RegisterDevice`, or `Invalid` naming every bad field.
+
+    msgspec checks every constraint of the Struct but one, in about 1 µs; the field by
+    field check that words the errors takes a hundred times that, so it runs only for an
+    item that fails. The one constraint msgspec cannot check is the predicate on
+    metadata (no NUL anywhere in it), checked here.
+    """
+    try:
+        body = msgspec.convert(item, wire.RegisterDevice)
+    except msgspec.ValidationError:
+        pass
+    else:
+        if body.metadata is None or free_of_nul(body.metadata):
+            return body
+    return convert(item, wire.RegisterDevice, message=REGISTER_INVALID)
 
 
 async def list_devices(ctx: Context, query: wire.DeviceQuery) -> Reply:

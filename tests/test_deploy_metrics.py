@@ -90,6 +90,7 @@ async def test_prometheus_answers_every_dashboard_query_and_evaluates_every_rule
         while True:
             assert server.returncode is None, (directory / "prometheus.log").read_text()[-2000:]
             empty, rules = await asyncio.to_thread(_check, api, queries)
+            assert not [(r["name"], r.get("lastError")) for r in rules if r["health"] == "err"]
             if not empty and all(r["health"] != "unknown" for r in rules):
                 break
             assert time.monotonic() < deadline, (

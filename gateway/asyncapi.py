@@ -31,31 +31,32 @@ __all__ = ["EXAMPLES", "RESPONSES", "add_arguments", "document", "main", "render
 _REF = "#/components/schemas/{name}"
 _MQTT_BINDING = {"qos": 1, "bindingVersion": "0.2.0"}
 
-# What each route answers, by (method, path template): the success statuses and the
-# Struct of the body. Every `/v1` error answers `ErrorBody`; the Telemetron route answers
+# What each route answers: the Struct of the body, the success statuses, and the routes
+# ("METHOD template"). Every `/v1` error answers `ErrorBody`; the Telemetron route answers
 # `TelemetronResult` for errors too. A route missing here is described without its answer
 # (and `tests/test_asyncapi.py` fails until it is added).
+_ANSWERS: tuple[tuple[type[msgspec.Struct], str, tuple[str, ...]], ...] = (
+    (registry.Device, "201 (created) or 200 (already registered)", ("POST /v1/devices",)),
+    (registry.Device, "200", (
+        "GET /v1/devices/{id}", "PATCH /v1/devices/{id}", "POST /v1/devices/{id}/restore",
+        "POST /v1/devices/{id}/bind", "POST /v1/devices/{id}/unbind",
+        "POST /v1/devices/{id}/reset")),
+    (registry.RegistrationList, "200", ("POST /v1/devices/batch",)),
+    (registry.DeviceList, "200", ("GET /v1/devices",)),
+    (registry.DeletedDevice, "200", ("DELETE /v1/devices/{id}",)),
+    (registry.DeviceCredentials, "201", ("POST /v1/devices/{id}/credentials",)),
+    (registry.DeviceSettings, "200", tuple(
+        f"{method} /v1/devices/{{id}}/settings" for method in ("GET", "PUT", "PATCH"))),
+    (registry.Command, "201 (created) or 200 (idempotent retry)",
+     ("POST /v1/devices/{id}/commands",)),
+    (registry.Command, "200", ("GET /v1/commands/{id}", "POST /v1/commands/{id}/cancel")),
+    (registry.CommandList, "200", ("GET /v1/devices/{id}/commands",)),
+    (events.EventList, "200", ("GET /v1/events",)),
+    (registry.TelemetronResult, "200", ("POST /api/ext-v1/device",)),
+)
 RESPONSES: dict[tuple[str, str], tuple[str, type[msgspec.Struct]]] = {
-    ("POST", "/v1/devices"): ("201 (created) or 200 (already registered)", registry.Device),
-    ("GET", "/v1/devices"): ("200", registry.DeviceList),
-    ("GET", "/v1/devices/{id}"): ("200", registry.Device),
-    ("PATCH", "/v1/devices/{id}"): ("200", registry.Device),
-    ("DELETE", "/v1/devices/{id}"): ("200", registry.DeletedDevice),
-    ("POST", "/v1/devices/{id}/restore"): ("200", registry.Device),
-    ("POST", "/v1/devices/{id}/bind"): ("200", registry.Device),
-    ("POST", "/v1/devices/{id}/unbind"): ("200", registry.Device),
-    ("POST", "/v1/devices/{id}/reset"): ("200", registry.Device),
-    ("POST", "/v1/devices/{id}/credentials"): ("201", registry.DeviceCredentials),
-    ("GET", "/v1/devices/{id}/settings"): ("200", registry.DeviceSettings),
-    ("PUT", "/v1/devices/{id}/settings"): ("200", registry.DeviceSettings),
-    ("PATCH", "/v1/devices/{id}/settings"): ("200", registry.DeviceSettings),
-    ("POST", "/v1/devices/{id}/commands"): ("201 (created) or 200 (idempotent retry)",
-                                            registry.Command),
-    ("GET", "/v1/devices/{id}/commands"): ("200", registry.CommandList),
-    ("GET", "/v1/commands/{id}"): ("200", registry.Command),
-    ("POST", "/v1/commands/{id}/cancel"): ("200", registry.Command),
-    ("GET", "/v1/events"): ("200", events.EventList),
-    ("POST", "/api/ext-v1/device"): ("200", registry.TelemetronResult),
+    (route.split(" ")[0], route.split(" ")[1]): (status, struct)
+    for struct, status, routes in _ANSWERS for route in routes
 }
 
 # Routes whose body the handler checks itself (settings documents): what that body is.

@@ -483,6 +483,13 @@ def _limit(page_size: int) -> str:
 # ---- the routes, by what they concern ------------------------------------------------------
 
 
+class _Routes:
+    """The routes of one kind, called through ``client``."""
+
+    def __init__(self, client: GatewayClient) -> None:
+        self._client = client
+
+
 DeviceItem = wire.RegisterDevice | Mapping[str, Any] | str
 
 
@@ -496,11 +503,8 @@ class RegisteredBatch:
     results: builtins.list[wire.Registration]
 
 
-class DevicesApi:
+class DevicesApi(_Routes):
     """``gw.devices``: the device routes (docs/protocol.md §6 and §10)."""
-
-    def __init__(self, client: GatewayClient) -> None:
-        self._client = client
 
     async def register(
         self,
@@ -665,11 +669,8 @@ def _chunks(
         yield start, items, encoded
 
 
-class SettingsApi:
+class SettingsApi(_Routes):
     """``gw.settings``: a device's settings document (docs/protocol.md §6 and §7)."""
-
-    def __init__(self, client: GatewayClient) -> None:
-        self._client = client
 
     async def get(self, device_id: str) -> wire.DeviceSettings:
         """``GET /v1/devices/{id}/settings``, with the version the device applied."""
@@ -704,11 +705,8 @@ class SettingsApi:
         return f"/v1/devices/{device_id}/settings"
 
 
-class CommandsApi:
+class CommandsApi(_Routes):
     """``gw.commands``: commands to devices (docs/protocol.md §3 and §6)."""
-
-    def __init__(self, client: GatewayClient) -> None:
-        self._client = client
 
     async def send(
         self,
@@ -750,11 +748,8 @@ class CommandsApi:
                                           idempotent=False)
 
 
-class EventsApi:
+class EventsApi(_Routes):
     """``gw.events``: what changed, as events (docs/protocol.md §12)."""
-
-    def __init__(self, client: GatewayClient) -> None:
-        self._client = client
 
     async def list(
         self,

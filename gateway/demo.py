@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gateway import auth
-from gateway.simulator import Options, Simulator, UsageError
+from gateway.simulator import Options, Simulator, UsageError, command_main, stopping
 from gateway.storage import Storage, migrate
 
 __all__ = ["DemoError", "add_arguments", "main", "run"]
@@ -523,14 +523,13 @@ async def run(args: argparse.Namespace, stop: asyncio.Event | None = None) -> in
     except UsageError as exc:
         print(f"gateway demo: {exc}", file=sys.stderr)
         return 2
-    stop = stop or _on_signals()
     demo = Demo(options)
     code = 0
     try:
-        async with demo.running(stop) as up:
+        async with stopping(stop) as stopped, demo.running(stopped) as up:
             if up:
                 print(demo.summary(), flush=True)
-                code = await demo.serve(stop)
+                code = await demo.serve(stopped)
     except DemoError as exc:
         print(f"gateway demo: {exc}", file=sys.stderr)
         return 1
@@ -538,22 +537,13 @@ async def run(args: argparse.Namespace, stop: asyncio.Event | None = None) -> in
     return code
 
 
-def _on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    return stop
+DESCRIPTION = ("The whole stack on this machine: PostgreSQL, Mosquitto, the gateway and "
+               "simulated devices, until Ctrl-C.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gateway demo",
-        description="The whole stack on this machine: PostgreSQL, Mosquitto, the gateway and "
-                    "simulated devices, until Ctrl-C.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return asyncio.run(run(args))
+    """``python -m gateway.demo``: as ``gateway demo``, without the console script."""
+    return command_main("gateway demo", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -982,10 +982,10 @@ async def run(args: argparse.Namespace, stop: asyncio.Event | None = None) -> in
     except UsageError as exc:
         print(f"gateway simulate: {exc}", file=sys.stderr)
         return 2
-    async with _stopping(stop) as stopping:
+    async with stopping(stop) as stopped:
         simulator = Simulator(options)
         try:
-            await simulator.run(stopping)
+            await simulator.run(stopped)
         except RegistryError as exc:
             print(f"gateway simulate: cannot register the devices: {exc}", file=sys.stderr)
             return 1
@@ -993,7 +993,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event | None = None) -> in
 
 
 @contextlib.asynccontextmanager
-async def _stopping(stop: asyncio.Event | None) -> AsyncIterator[asyncio.Event]:
+async def stopping(stop: asyncio.Event | None) -> AsyncIterator[asyncio.Event]:
     """``stop``, or an event set by SIGINT and SIGTERM while the block runs."""
     if stop is not None:
         yield stop
@@ -1009,24 +1009,29 @@ async def _stopping(stop: asyncio.Event | None) -> AsyncIterator[asyncio.Event]:
             loop.remove_signal_handler(signum)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gateway simulate",
-        description="A fleet of simulated devices: heartbeats, settings updates applied and "
-                    "reported, commands executed and acknowledged.")
-    add_arguments(parser)
-    return _run_loop(run(parser.parse_args(argv)))
+def command_main(prog: str, description: str,
+                 add: Callable[[argparse.ArgumentParser], None],
+                 command: Callable[[argparse.Namespace], Awaitable[int]],
+                 argv: Sequence[str] | None) -> int:
+    """A tool run on its own (``python -m gateway.simulator``), as `gateway` would."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add(parser)
+    args = parser.parse_args(argv)
 
-
-def _run_loop(coroutine: Awaitable[int]) -> int:
-    async def wrapped() -> int:
-        return await coroutine
+    async def call() -> int:
+        return await command(args)
 
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(wrapped())
-    return uvloop.run(wrapped())
+        return asyncio.run(call())
+    return uvloop.run(call())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return command_main(
+        "gateway simulate", "A fleet of simulated devices: heartbeats, settings updates "
+        "applied and reported, commands executed and acknowledged.", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ from gateway_codecs.device import (
 from gateway_codecs.registry import RegisterDevice
 from msgspec import UnsetType
 
+from gateway import logs
 from gateway import mqtt_packets as packets
 from gateway.client import GatewayClient
 from gateway.config import MqttEndpoint, redact_url
@@ -948,7 +949,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serial numbers are PREFIX000000, PREFIX000001, ... "
                              "(default: SIM-)")
     parser.add_argument("--register", action="store_true",
-                        help="register the devices first (POST /v1/devices), with an API key")
+                        help="register the devices first (POST /v1/devices/batch), with an "
+                             "API key")
     parser.add_argument("--credentials", action="store_true",
                         help="issue each device its own broker password (POST "
                              "/v1/devices/{id}/credentials; the gateway runs with dynamic "
@@ -1013,10 +1015,12 @@ def command_main(prog: str, description: str,
                  add: Callable[[argparse.ArgumentParser], None],
                  command: Callable[[argparse.Namespace], Awaitable[int]],
                  argv: Sequence[str] | None) -> int:
-    """A tool run on its own (``python -m gateway.simulator``), as `gateway` would."""
+    """A tool run on its own (``python -m gateway.simulator``), as `gateway` would:
+    warnings of the libraries logged to stderr, stdout left to the tool."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add(parser)
     args = parser.parse_args(argv)
+    logs.configure("console", "warning")
 
     async def call() -> int:
         return await command(args)

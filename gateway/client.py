@@ -487,7 +487,7 @@ class _Routes:
     """The routes of one kind, called through ``client``."""
 
     def __init__(self, client: GatewayClient) -> None:
-        self._client = client
+        self._gateway = client
 
 
 DeviceItem = wire.RegisterDevice | Mapping[str, Any] | str
@@ -518,7 +518,7 @@ class DevicesApi(_Routes):
         serial, unchanged. Conflict when the serial belongs to a deleted device."""
         body = wire.RegisterDevice(serial_number=serial_number, device_type=device_type,
                                    firmware_version=firmware_version, metadata=metadata)
-        return await self._client._typed(wire.Device, "POST", "/v1/devices", body,
+        return await self._gateway._typed(wire.Device, "POST", "/v1/devices", body,
                                           idempotent=True)
 
     async def register_many(
@@ -549,7 +549,9 @@ class DevicesApi(_Routes):
         request limit, and, unless ``max_reply_bytes`` is None, within that estimated
         reply size (about 1.1 KiB per device, the broker's max_packet_size being the
         limit). Registration is idempotent: a batch is retried after a time-out or a
-        503, and its devices registered by a first attempt then read 200.
+        503, and its devices registered by a first attempt then read 200. A serial given
+        twice in one batch is 201 then 200; in two batches in flight together, either
+        may be the 201 (``concurrency=1`` keeps the input's order).
         """
         chunks = _chunks(devices, batch_size, max_reply_bytes)
         running: set[asyncio.Task[RegisteredBatch]] = set()
@@ -572,7 +574,7 @@ class DevicesApi(_Routes):
 
     async def _batch(self, start: int, items: builtins.list[DeviceItem],
                      encoded: builtins.list[msgspec.Raw]) -> RegisteredBatch:
-        listing = await self._client._typed(
+        listing = await self._gateway._typed(
             wire.RegistrationList, "POST", "/v1/devices/batch", {"devices": encoded},
             idempotent=True,
         )
@@ -580,7 +582,7 @@ class DevicesApi(_Routes):
 
     async def get(self, device_id: str) -> wire.Device:
         """``GET /v1/devices/{id}``; NotFound when unknown or deleted."""
-        return await self._client._typed(wire.Device, "GET", f"/v1/devices/{device_id}",
+        return await self._gateway._typed(wire.Device, "GET", f"/v1/devices/{device_id}",
                                           idempotent=True)
 
     def list(
@@ -597,7 +599,7 @@ class DevicesApi(_Routes):
         the one before; the filters as ``GET /v1/devices`` has them."""
         query = {"limit": _limit(page_size), "status": status, "end_user_id": end_user_id,
                  "serial_number": serial_number, "starting_after": starting_after}
-        return self._client._pages(wire.DeviceList, "/v1/devices", query, "starting_after")
+        return self._gateway._pages(wire.DeviceList, "/v1/devices", query, "starting_after")
 
     async def update(
         self,
@@ -612,7 +614,7 @@ class DevicesApi(_Routes):
 
     async def delete(self, device_id: str) -> wire.DeletedDevice:
         """``DELETE /v1/devices/{id}``: soft-delete; `restore` undoes it."""
-        return await self._client._typed(wire.DeletedDevice, "DELETE",
+        return await self._gateway._typed(wire.DeletedDevice, "DELETE",
                                           f"/v1/devices/{device_id}", idempotent=True)
 
     async def restore(self, device_id: str) -> wire.Device:
@@ -635,13 +637,13 @@ class DevicesApi(_Routes):
     async def credentials(self, device_id: str) -> wire.DeviceCredentials:
         """``POST /v1/devices/{id}/credentials``: the device's broker password, shown in
         this answer only (Conflict without the broker's dynamic security)."""
-        return await self._client._typed(wire.DeviceCredentials, "POST",
+        return await self._gateway._typed(wire.DeviceCredentials, "POST",
                                           f"/v1/devices/{device_id}/credentials",
                                           idempotent=False)
 
     async def _device(self, method: str, device_id: str, action: str,
                       body: msgspec.Struct | None = None) -> wire.Device:
-        return await self._client._typed(wire.Device, method,
+        return await self._gateway._typed(wire.Device, method,
                                           f"/v1/devices/{device_id}{action}", body,
                                           idempotent=False)
 
@@ -674,7 +676,7 @@ class SettingsApi(_Routes):
 
     async def get(self, device_id: str) -> wire.DeviceSettings:
         """``GET /v1/devices/{id}/settings``, with the version the device applied."""
-        return await self._client._typed(wire.DeviceSettings, "GET", self._path(device_id),
+        return await self._gateway._typed(wire.DeviceSettings, "GET", self._path(device_id),
                                           idempotent=True)
 
     async def put(
@@ -695,7 +697,7 @@ class SettingsApi(_Routes):
     async def _write(self, method: str, device_id: str, body: Any,
                      if_match: int | None) -> wire.DeviceSettings:
         headers = {} if if_match is None else {"if-match": str(if_match)}
-        return await self._client._typed(
+        return await self._gateway._typed(
             wire.DeviceSettings, method, self._path(device_id), body, headers=headers,
             idempotent=method == "PUT" and if_match is not None,
         )
@@ -721,7 +723,7 @@ class CommandsApi(_Routes):
         returns the same command, so the call is retried after a time-out or a 503."""
         body = wire.CreateCommand(type=type, params=params, ttl_seconds=ttl_seconds,
                                   idempotency_key=idempotency_key)
-        return await self._client._typed(wire.Command, "POST",
+        return await self._gateway._typed(wire.Command, "POST",
                                           f"/v1/devices/{device_id}/commands", body,
                                           idempotent=idempotency_key is not None)
 
@@ -733,17 +735,17 @@ class CommandsApi(_Routes):
         after page."""
         query = {"limit": _limit(page_size), "status": status,
                  "starting_after": starting_after}
-        return self._client._pages(wire.CommandList, f"/v1/devices/{device_id}/commands",
-                                   query, "starting_after")
+        return self._gateway._pages(wire.CommandList, f"/v1/devices/{device_id}/commands",
+                                    query, "starting_after")
 
     async def get(self, command_id: str) -> wire.Command:
         """``GET /v1/commands/{id}``."""
-        return await self._client._typed(wire.Command, "GET", f"/v1/commands/{command_id}",
+        return await self._gateway._typed(wire.Command, "GET", f"/v1/commands/{command_id}",
                                           idempotent=True)
 
     async def cancel(self, command_id: str) -> wire.Command:
         """``POST /v1/commands/{id}/cancel``; Conflict when it is already terminal."""
-        return await self._client._typed(wire.Command, "POST",
+        return await self._gateway._typed(wire.Command, "POST",
                                           f"/v1/commands/{command_id}/cancel",
                                           idempotent=False)
 
@@ -762,7 +764,7 @@ class EventsApi(_Routes):
         """``GET /v1/events``: one page, oldest first, of the events after ``after``."""
         query = {"after": after, "limit": None if limit is None else str(limit),
                  "type": type, "device_id": device_id}
-        return await self._client._typed(
+        return await self._gateway._typed(
             EventList, "GET", "/v1/events",
             query={name: value for name, value in query.items() if value is not None},
             idempotent=True,
@@ -785,12 +787,12 @@ class EventsApi(_Routes):
         route again.
         """
         seen = _RecentIds()
-        async with self._client._follow(EVENTS_TOPIC + (type or "#")) as live:
+        async with self._gateway._follow(EVENTS_TOPIC + (type or "#")) as live:
             cursor = after
             while True:
                 query = {"after": cursor, "limit": str(page_size), "type": type,
                          "device_id": device_id}
-                async for event in self._client._pages(EventList, "/v1/events", query,
+                async for event in self._gateway._pages(EventList, "/v1/events", query,
                                                         "after"):
                     cursor = event.id
                     if seen.add(event.id):

@@ -56,44 +56,46 @@ async def test_device_commands_print_tables_and_json_and_exit_0(
     code, out, _ = await cli("devices", "register", "SN-CLI", "--device-type", "bota_pin_v1",
                              "--metadata", '{"site": "north"}')
     assert code == 0 and out.startswith("registered\n") and "SN-CLI" in out
-    code, out, _ = await cli("devices", "register", "SN-CLI")
-    assert code == 0 and out.startswith("already registered\n")
     device = (await api.call("GET", "/v1/devices", query={"serial_number": "SN-CLI"}))[1][
         "data"][0]
-    assert await cli.json("devices", "get", device["id"]) == device
-    code, table, _ = await cli("devices", "list")
-    assert code == 0 and "SERIAL_NUMBER" in table and "SN-CLI" in table and "bota_pin_v1" in table
-
-    bound, listing, missing = await asyncio.gather(
-        cli.json("devices", "bind", device["id"], "eu_cli"),
-        cli.json("devices", "list", "--all"),
-        cli("devices", "delete", "dev_none"))
-    assert (bound["status"], bound["end_user_id"]) == ("bound", "eu_cli")
-    assert listing["has_more"] is False and [d["id"] for d in listing["data"]] == [device["id"]]
+    _, other = await api.call("POST", "/v1/devices", {"serial_number": "SN-CLI-2"})
+    (code, out, _), got, (_, table, _), listing, missing, bound = await asyncio.gather(
+        cli("devices", "register", "SN-CLI"), cli.json("devices", "get", device["id"]),
+        cli("devices", "list"), cli.json("devices", "list", "--all"),
+        cli("devices", "delete", "dev_none"),
+        cli.json("devices", "bind", other["id"], "eu_cli"))
+    assert code == 0 and out.startswith("already registered\n")
+    assert got == device
+    assert "SERIAL_NUMBER" in table and "SN-CLI" in table and "bota_pin_v1" in table
+    assert listing["has_more"] is False
+    assert [d["id"] for d in listing["data"]] == [other["id"], device["id"]]
     assert missing == (1, "", "404 not_found: No such object\n")
-    assert (await cli.json("devices", "unbind", device["id"]))["status"] == "unbound"
-    assert (await cli.json("devices", "reset", device["id"]))["status"] == "unbound"
+    assert (bound["status"], bound["end_user_id"]) == ("bound", "eu_cli")
+
+    unbound, reset = await asyncio.gather(cli.json("devices", "unbind", other["id"]),
+                                          cli.json("devices", "reset", device["id"]))
+    assert unbound["status"] == reset["status"] == "unbound"
     assert (await cli.json("devices", "delete", device["id"]))["deleted"] is True
     assert (await cli.json("devices", "restore", device["id"]))["id"] == device["id"]
 
 
 async def test_settings_commands_and_commands_commands(cli: Cli, api: Caller) -> None:
     _, device = await api.call("POST", "/v1/devices", {"serial_number": "SN-CLI-SET"})
-    patched = await cli.json("settings", "patch", device["id"], '{"audio": {"codec": "aac"}}',
-                             "--if-match", "1")
+    send = ("commands", "send", device["id"], "set_led", "--params", '{"color": "red"}',
+            "--idempotency-key", "k1")
+    patched, sent = await asyncio.gather(
+        cli.json("settings", "patch", device["id"], '{"audio": {"codec": "aac"}}',
+                 "--if-match", "1"),
+        cli.json(*send))
     assert (patched["version"], patched["settings"]["audio"]["codec"]) == (2, "aac")
-    code, _, err = await cli("settings", "put", device["id"], "{}", "--if-match", "1")
-    assert code == 1 and err.startswith("409 conflict: ")
-    code, table, _ = await cli("settings", "get", device["id"])
-    assert code == 0 and "settings.audio.codec" in table and "aac" in table
-
-    sent = await cli.json("commands", "send", device["id"], "set_led", "--params",
-                          '{"color": "red"}', "--idempotency-key", "k1")
     assert (sent["type"], sent["params"]) == ("set_led", {"color": "red"})
-    again, listed, got = await asyncio.gather(
-        cli.json("commands", "send", device["id"], "set_led", "--params", '{"color": "red"}',
-                 "--idempotency-key", "k1"),
+
+    (code, _, err), (_, table, _), again, listed, got = await asyncio.gather(
+        cli("settings", "put", device["id"], "{}", "--if-match", "1"),
+        cli("settings", "get", device["id"]), cli.json(*send),
         cli.json("commands", "list", device["id"]), cli.json("commands", "get", sent["id"]))
+    assert code == 1 and err.startswith("409 conflict: ")
+    assert "settings.audio.codec" in table and "aac" in table
     assert again == got == sent and listed["data"] == [sent]
     assert (await cli.json("commands", "cancel", sent["id"]))["status"] == "canceled"
 

@@ -313,7 +313,7 @@ class GatewayClient:
         self._closed = reason
         for future in self._waiting.values():
             if not future.done():
-                future.set_exception(reason)
+                future.set_exception(ConnectionLost(str(reason)))
         self._waiting.clear()
 
     async def send_raw(
@@ -328,7 +328,7 @@ class GatewayClient:
         ``correlation`` (in its envelope, or as Correlation Data). For envelopes built by
         hand, such as malformed ones in tests; `call` builds them for you."""
         if self._closed is not None:
-            raise self._closed
+            raise ConnectionLost(str(self._closed))
         future: asyncio.Future[tuple[envelope.Response, aiomqtt.Message]] = (
             asyncio.get_running_loop().create_future())
         self._waiting[correlation] = future

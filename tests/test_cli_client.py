@@ -15,6 +15,8 @@ import asyncpg
 import pytest
 from conftest import MQTT_URL, Caller, wait_for
 
+from gateway import cli as console_script
+
 _SCRIPT = Path(sys.executable).with_name("gateway")
 GATEWAY = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "gateway.cli"]
 
@@ -122,26 +124,36 @@ async def test_an_error_answer_exits_1_with_one_line_naming_status_and_type(cli:
     assert code3 == 1 and err3.startswith("409 conflict: ") and err3.count("\n") == 1
 
 
-async def test_usage_errors_exit_2(cli: Cli, tmp_path: Path) -> None:
-    no_key = {k: v for k, v in cli.env.items() if k != "GATEWAY_API_KEY"}
+@pytest.mark.parametrize(("argv", "says"), [
+    (["devices", "get", "dev_1", "--mqtt-url", "http://127.0.0.1", "--api-key", "k"],
+     "mqtt:// or mqtts://"),
+    (["devices", "list"], "no API key: set GATEWAY_API_KEY or pass --api-key"),
+    (["call", "POST", "/v1/devices", "{not json", "--api-key", "k"], "not JSON"),
+    (["devices", "list", "--limit", "0", "--api-key", "k"], "above 0"),
+    (["devices", "frobnicate"], "invalid choice"),
+], ids=["url", "no-key", "json", "limit", "subcommand"])
+def test_a_command_line_that_cannot_be_used_exits_2_before_connecting(
+    argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name in ("GATEWAY_API_KEY", "GATEWAY_MQTT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        code = console_script.main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2 and says in capsys.readouterr().err
+
+
+async def test_an_import_file_that_cannot_be_used_exits_2(cli: Cli, tmp_path: Path) -> None:
     bad_csv = tmp_path / "devices.csv"
     bad_csv.write_text("serial,colour\nSN-1,red\n")
-    results = await asyncio.gather(
-        cli("devices", "get", "dev_1", "--mqtt-url", "http://127.0.0.1"),
-        cli("call", "POST", "/v1/devices", "{not json"),
-        cli("devices", "list", "--limit", "0"),
+    (code, _, err), (code2, _, err2) = await asyncio.gather(
         cli("devices", "import", str(bad_csv)),
-        cli("devices", "import", str(tmp_path / "missing.csv")),
-        cli("devices", "frobnicate"))
-    process = await asyncio.create_subprocess_exec(
-        *GATEWAY, "devices", "list", env=no_key, stderr=asyncio.subprocess.PIPE)
-    _, no_key_err = await process.communicate()
-    assert process.returncode == 2 and b"no API key" in no_key_err
-    assert [code for code, _, _ in results] == [2] * 6
-    assert "mqtt:// or mqtts://" in results[0][2]
-    assert "not JSON" in results[1][2]
-    assert "serial_number column" in results[3][2] and "unknown: colour, serial" in results[3][2]
-    assert "cannot read" in results[4][2]
+        cli("devices", "import", str(tmp_path / "missing.csv")))
+    assert code == code2 == 2
+    assert "serial_number column" in err and "unknown: colour, serial" in err
+    assert "cannot read" in err2
 
 
 async def test_no_answer_exits_1_saying_what_to_check(cli: Cli) -> None:

@@ -163,46 +163,23 @@ class _Routed(asyncio.Queue[aiomqtt.Message]):
         self._route(item)
 
 
-class GatewayClient:
-    """A backend's connection to the gateway; ``async with`` opens and closes it.
+class _Connection:
+    """The MQTT connection of a client: opens it and subscribes to the reply topic, sends
+    request envelopes, and hands each answer to the call waiting for it (by correlation
+    id) and each live event to the follows that want it."""
 
-    ``mqtt_url`` is ``mqtt://`` or ``mqtts://`` (TLS), user and password allowed.
-    ``topic_prefix`` is the gateway's ``GATEWAY_TOPIC_PREFIX``. ``timeout`` bounds each
-    attempt of each call (seconds); ``retries`` is how many times an idempotent call is
-    repeated after a time-out or a 503. ``reply_topic`` defaults to a new topic under
-    ``{prefix}/api/v1/replies/``; give one where the broker allows a backend only its own
-    (``api/v1/replies/{service}/...``).
-    """
-
-    def __init__(
-        self,
-        mqtt_url: str = "mqtt://127.0.0.1:1883",
-        *,
-        api_key: str | None = None,
-        topic_prefix: str = "",
-        protocol: int | str = 5,
-        timeout: float = 10.0,
-        retries: int = 3,
-        reply_topic: str | None = None,
-        client_id: str | None = None,
-    ) -> None:
-        self.api_key = api_key
-        self.topic_prefix = topic_prefix
-        self.protocol = _protocol(protocol)
+    def __init__(self, url: str, protocol: aiomqtt.ProtocolVersion, timeout: float,
+                 topic_prefix: str, reply_topic: str, client_id: str | None) -> None:
+        self.protocol = protocol
         self.timeout = timeout
-        self.retries = retries
-        self.reply_topic = reply_topic or _under(
-            topic_prefix, f"{envelope.REPLY_PREFIX}client-{uuid.uuid4().hex[:12]}")
+        self.topic_prefix = topic_prefix
+        self.reply_topic = reply_topic
         self.request_topic = _under(topic_prefix, "api/v1/requests")
         # Replies nobody waits for (late ones, after their call timed out) go here.
         self.on_unmatched: Callable[[aiomqtt.Message], None] = lambda message: None
-        self.devices = DevicesApi(self)
-        self.settings = SettingsApi(self)
-        self.commands = CommandsApi(self)
-        self.events = EventsApi(self)
-        self._url = mqtt_url
+        self.mqtt: aiomqtt.Client | None = None
+        self._url = url
         self._client_id = client_id
-        self._mqtt: aiomqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[str, asyncio.Future[tuple[envelope.Response, aiomqtt.Message]]] = {}
         self._correlations = itertools.count(1)
@@ -210,31 +187,21 @@ class GatewayClient:
         self._subscribed: collections.Counter[str] = collections.Counter()
         self._closed: ConnectionLost | None = None
         self._properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        self._properties.ResponseTopic = self.reply_topic
+        self._properties.ResponseTopic = reply_topic
 
-    @classmethod
-    def attach(cls, mqtt: aiomqtt.Client, *, reply_topic: str, **options: Any) -> GatewayClient:
-        """A client over a connection the caller has opened and subscribed to
-        ``reply_topic``; the caller runs `read` (``async with`` is not used)."""
-        client = cls(reply_topic=reply_topic, **options)
-        client._mqtt = mqtt
-        return client
-
-    @property
-    def mqtt(self) -> aiomqtt.Client:
-        """The MQTT connection (aiomqtt), for what the typed methods do not cover."""
-        if self._mqtt is None:
+    def connected(self) -> aiomqtt.Client:
+        if self.mqtt is None:
             raise ConnectionLost("the client is not connected (use `async with`)")
-        return self._mqtt
+        return self.mqtt
 
-    async def __aenter__(self) -> GatewayClient:
+    async def open(self) -> None:
         endpoint = MqttEndpoint.parse(self._url)
         routed = _Routed(self._route)
         mqtt = aiomqtt.Client(
             endpoint.host, endpoint.port, username=endpoint.username,
-            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", lambda maxsize: routed),
             password=endpoint.password, protocol=self.protocol,
             identifier=self._client_id or f"gateway-client-{uuid.uuid4().hex[:12]}",
+            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", lambda maxsize: routed),
             tls_context=ssl.create_default_context() if endpoint.tls else None,
             timeout=self.timeout, max_inflight_messages=1000,
             # Without it Nagle holds each request behind the previous one's PUBACK.
@@ -245,42 +212,39 @@ class GatewayClient:
             await mqtt.__aenter__()
         except aiomqtt.MqttError as exc:
             raise ConnectionLost(f"cannot connect to the broker: {exc}") from exc
-        self._mqtt = mqtt
+        self.mqtt = mqtt
         try:
             await mqtt.subscribe(self.reply_topic, qos=1)
         except BaseException:
             await mqtt.__aexit__(None, None, None)
             raise
         self._reader = asyncio.create_task(self.read(), name="gateway-client-reader")
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        reader, mqtt, self._reader = self._reader, self._mqtt, None
+    async def close(self) -> None:
+        reader, mqtt, self._reader = self._reader, self.mqtt, None
         if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await reader
-        self._close(ConnectionLost("the client is closed"))
+        self._fail(ConnectionLost("the client is closed"))
         if mqtt is not None:
             with contextlib.suppress(aiomqtt.MqttError):
                 await mqtt.__aexit__(None, None, None)
 
-    # ---- the connection ---------------------------------------------------------------
-
     async def read(self) -> None:
-        """Hand each incoming message to the call or the `follow` waiting for it, until
+        """Hand each incoming message to the call or the follow waiting for it, until
         the connection ends. ``async with`` runs this itself (its messages are handed
         over as they arrive, and this only waits for the end); a client made with
-        `attach` needs its owner to run it."""
+        `GatewayClient.attach` needs its owner to run it."""
         try:
-            async for message in self.mqtt.messages:
+            async for message in self.connected().messages:
                 self._route(message)
         except aiomqtt.MqttError as exc:
-            self._close(ConnectionLost(f"the broker connection was lost: {exc}"))
+            self._fail(ConnectionLost(f"the broker connection was lost: {exc}"))
             raise
 
     def _route(self, message: aiomqtt.Message) -> None:
-        """Resolve the call waiting for ``message``, or queue it for a `follow`. Runs in
+        """Resolve the call waiting for ``message``, or queue it for a follow. Runs in
         paho's callback: it never raises (that would end the connection)."""
         payload = message.payload if isinstance(message.payload, bytes) else b""
         live = [follower for follower in self._live if message.topic.matches(follower.filter)]
@@ -309,12 +273,28 @@ class GatewayClient:
         with contextlib.suppress(Exception):  # a hook's failure must not end the connection
             self.on_unmatched(message)
 
-    def _close(self, reason: ConnectionLost) -> None:
+    def _fail(self, reason: ConnectionLost) -> None:
         self._closed = reason
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(ConnectionLost(str(reason)))
         self._waiting.clear()
+
+    async def request(self, request: envelope.Request,
+                      timeout: float | None) -> envelope.Response:  # noqa: ASYNC109
+        """Send ``request`` with a new correlation id, its reply topic and correlation as
+        the protocol carries them, and wait for its answer."""
+        correlation = str(next(self._correlations))
+        properties = None
+        if self.protocol == aiomqtt.ProtocolVersion.V5:
+            # A copy of a made one: making Properties costs 30 µs, a copy 2 µs.
+            properties = copy.copy(self._properties)
+            properties.CorrelationData = correlation.encode()
+        else:
+            request.reply_to, request.correlation_id = self.reply_topic, correlation
+        reply, _ = await self.send_raw(_encode(request), correlation, properties=properties,
+                                       timeout=timeout)
+        return reply
 
     async def send_raw(
         self,
@@ -326,7 +306,7 @@ class GatewayClient:
     ) -> tuple[envelope.Response, aiomqtt.Message]:
         """Publish ``payload`` as a request and wait for the reply that carries
         ``correlation`` (in its envelope, or as Correlation Data). For envelopes built by
-        hand, such as malformed ones in tests; `call` builds them for you."""
+        hand, such as malformed ones in tests; `GatewayClient.call` builds them."""
         if self._closed is not None:
             raise ConnectionLost(str(self._closed))
         future: asyncio.Future[tuple[envelope.Response, aiomqtt.Message]] = (
@@ -336,8 +316,8 @@ class GatewayClient:
         try:
             async with asyncio.timeout(limit):
                 # aiomqtt's own publish time-out (an MqttError) stays out of the way.
-                await self.mqtt.publish(self.request_topic, payload, qos=1,
-                                        properties=properties, timeout=math.inf)
+                await self.connected().publish(self.request_topic, payload, qos=1,
+                                               properties=properties, timeout=math.inf)
                 return await future
         except TimeoutError as exc:
             raise RequestTimeout(f"no answer within {limit:g} s") from exc
@@ -347,13 +327,13 @@ class GatewayClient:
             self._waiting.pop(correlation, None)
 
     @contextlib.asynccontextmanager
-    async def _follow(self, name: str, maxsize: int = 10_000) -> AsyncIterator[_Live]:
+    async def follow(self, name: str, maxsize: int = 10_000) -> AsyncIterator[_Live]:
         """Live messages on ``name`` (a filter under the prefix) while the context lasts."""
         live = _Live(_under(self.topic_prefix, name), maxsize)
         self._live.append(live)
         try:
             if not self._subscribed[live.filter]:
-                await self.mqtt.subscribe(live.filter, qos=1)
+                await self.connected().subscribe(live.filter, qos=1)
             self._subscribed[live.filter] += 1
             yield live
         finally:
@@ -362,9 +342,80 @@ class GatewayClient:
             if self._subscribed[live.filter] <= 0 and self._closed is None:
                 del self._subscribed[live.filter]
                 with contextlib.suppress(aiomqtt.MqttError):
-                    await self.mqtt.unsubscribe(live.filter)
+                    await self.connected().unsubscribe(live.filter)
 
-    # ---- calls --------------------------------------------------------------------------
+
+class GatewayClient:
+    """A backend's connection to the gateway; ``async with`` opens and closes it.
+
+    ``mqtt_url`` is ``mqtt://`` or ``mqtts://`` (TLS), user and password allowed.
+    ``topic_prefix`` is the gateway's ``GATEWAY_TOPIC_PREFIX``. ``timeout`` bounds each
+    attempt of each call (seconds); ``retries`` is how many times an idempotent call is
+    repeated after a time-out or a 503. ``reply_topic`` defaults to a new topic under
+    ``{prefix}/api/v1/replies/``; give one where the broker allows a backend only its own
+    (``api/v1/replies/{service}/...``).
+    """
+
+    def __init__(
+        self,
+        mqtt_url: str = "mqtt://127.0.0.1:1883",
+        *,
+        api_key: str | None = None,
+        topic_prefix: str = "",
+        protocol: int | str = 5,
+        timeout: float = 10.0,
+        retries: int = 3,
+        reply_topic: str | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.api_key = api_key
+        self.retries = retries
+        self.devices = DevicesApi(self)
+        self.settings = SettingsApi(self)
+        self.commands = CommandsApi(self)
+        self.events = EventsApi(self)
+        self._connection = _Connection(
+            mqtt_url, _protocol(protocol), timeout, topic_prefix,
+            reply_topic or _under(topic_prefix,
+                                  f"{envelope.REPLY_PREFIX}client-{uuid.uuid4().hex[:12]}"),
+            client_id,
+        )
+        # Routing incoming messages, and raw requests: the connection's own.
+        self.read = self._connection.read
+        self.send_raw = self._connection.send_raw
+
+    @classmethod
+    def attach(cls, mqtt: aiomqtt.Client, *, reply_topic: str, **options: Any) -> GatewayClient:
+        """A client over a connection the caller has opened and subscribed to
+        ``reply_topic``; the caller runs `read` (``async with`` is not used)."""
+        client = cls(reply_topic=reply_topic, **options)
+        client._connection.mqtt = mqtt
+        return client
+
+    @property
+    def mqtt(self) -> aiomqtt.Client:
+        """The MQTT connection (aiomqtt), for what the typed methods do not cover."""
+        return self._connection.connected()
+
+    @property
+    def reply_topic(self) -> str:
+        return self._connection.reply_topic
+
+    @property
+    def on_unmatched(self) -> Callable[[aiomqtt.Message], None]:
+        """Called with each reply no call waits for (one that came after its time-out)."""
+        return self._connection.on_unmatched
+
+    @on_unmatched.setter
+    def on_unmatched(self, hook: Callable[[aiomqtt.Message], None]) -> None:
+        self._connection.on_unmatched = hook
+
+    async def __aenter__(self) -> GatewayClient:
+        await self._connection.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._connection.close()
 
     async def call(
         self,
@@ -406,20 +457,11 @@ class GatewayClient:
             all_headers["authorization"] = f"Bearer {self.api_key}"
         attempts = 1 + (self.retries if idempotent else 0)
         for attempt in range(attempts):
-            correlation = str(next(self._correlations))
             request = envelope.Request(method=method, path=path, query=dict(query or {}),
                                        headers=all_headers, body=body)
-            properties = None
-            if self.protocol == aiomqtt.ProtocolVersion.V5:
-                # A copy of a made one: making Properties costs 30 µs, a copy 2 µs.
-                properties = copy.copy(self._properties)
-                properties.CorrelationData = correlation.encode()
-            else:
-                request.reply_to, request.correlation_id = self.reply_topic, correlation
             last = attempt == attempts - 1
             try:
-                reply, _ = await self.send_raw(_encode(request), correlation,
-                                               properties=properties, timeout=timeout)
+                reply = await self._connection.request(request, timeout)
             except RequestTimeout as exc:
                 if last:
                     tries = f" ({attempts} attempts)" if attempts > 1 else ""
@@ -787,7 +829,7 @@ class EventsApi(_Routes):
         route again.
         """
         seen = _RecentIds()
-        async with self._gateway._follow(EVENTS_TOPIC + (type or "#")) as live:
+        async with self._gateway._connection.follow(EVENTS_TOPIC + (type or "#")) as live:
             cursor = after
             while True:
                 query = {"after": cursor, "limit": str(page_size), "type": type,

@@ -164,3 +164,31 @@ CREATE TABLE IF NOT EXISTS gateway_processes (
     share_group   text,
     started_at    timestamptz NOT NULL DEFAULT now()
 );
+
+-- Presence: since when the device is online (NULL: offline, or unknown without any
+-- heartbeat), and when it last reported a new applied settings version. Both change
+-- rarely; the heartbeat write compares them to tell what happened.
+ALTER TABLE device_health ADD COLUMN IF NOT EXISTS online_since timestamptz;
+ALTER TABLE device_health ADD COLUMN IF NOT EXISTS applied_at timestamptz;
+
+-- The events outbox: written in the transaction of the change it describes. The relay
+-- (one process at a time) gives each event its position, in `seq` order, publishes it,
+-- and marks it published once the broker has acknowledged it. Events of one device are
+-- written under that device's device_health row lock, so their `seq` order is their
+-- commit order. Event ids (`evt_` and the position) sort in publishing order.
+CREATE TABLE IF NOT EXISTS events (
+    seq           bigserial   PRIMARY KEY,
+    type          text        NOT NULL,
+    device_id     text        NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    data          json        NOT NULL,  -- kept as written: {"object": {...}}
+    position      bigint      UNIQUE,
+    published_at  timestamptz
+);
+CREATE SEQUENCE IF NOT EXISTS event_positions;
+CREATE INDEX IF NOT EXISTS events_unpublished_idx ON events (seq) WHERE published_at IS NULL;
+CREATE INDEX IF NOT EXISTS events_device_idx ON events (device_id, position);
+CREATE INDEX IF NOT EXISTS events_type_idx ON events (type, position);
+CREATE INDEX IF NOT EXISTS events_created_idx ON events (created_at);
+-- What the last run of a sweep found (the presence sweep: the fleet's connectivity counts).
+ALTER TABLE sweeps ADD COLUMN IF NOT EXISTS result jsonb;

@@ -62,7 +62,9 @@ QueryText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$", extra=rule(NUL_RU
 class EventQuery(msgspec.Struct, kw_only=True):
     """``GET /v1/events``: oldest first, after the event id ``after``."""
 
-    after: QueryText | None = None
+    after: Annotated[str, msgspec.Meta(
+        pattern=r"^evt_[0-9]{1,20}$",
+        extra=rule("Must be an event id (evt_ and digits)"))] | None = None
     limit: EventLimit = "100"
     type: Annotated[EventType, msgspec.Meta(
         extra=rule("Must be one of: " + ", ".join(EVENT_TYPES)))] | None = None

@@ -122,6 +122,10 @@ Limit = Annotated[
 QueryText = Annotated[str, msgspec.Meta(pattern=_NO_NUL, extra=rule(NUL_RULE))]
 
 
+# Presence: online while the last applied heartbeat is recent, unknown without any.
+Connectivity = Literal["online", "offline", "unknown"]
+
+
 class Query(msgspec.Struct, kw_only=True):
     """A query string; values are strings, unknown names are ignored."""
 
@@ -140,6 +144,8 @@ class DeviceQuery(Query):
                       msgspec.Meta(extra=rule("Must be bound or unbound"))] | None = None
     end_user_id: QueryText | None = None
     serial_number: QueryText | None = None
+    connectivity: Annotated[Connectivity, msgspec.Meta(
+        extra=rule("Must be online, offline or unknown"))] | None = None
 
 
 class CommandQuery(Query):
@@ -170,6 +176,7 @@ class Device(msgspec.Struct, kw_only=True, tag_field="object", tag="device"):
     storage_total_mb: int | None
     signal_strength_dbm: int | None
     last_heartbeat_at: Timestamp | None
+    connectivity: Connectivity
     recording_state: RecordingState | None
     metadata: dict[str, Any] | None
     settings: Settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -14,6 +15,7 @@ from gateway.config import Config, redact_url
 from gateway.device_replies import DeviceReplies
 from gateway.edge import Edge
 from gateway.errors import ProcessConflict, StorageUnavailable
+from gateway.events_relay import Relay
 from gateway.heartbeat_buffer import HeartbeatBuffer
 from gateway.heartbeat_link import HeartbeatLink
 from gateway.heartbeat_writer import BatchWriter
@@ -27,6 +29,7 @@ from gateway.storage.processes import Membership
 log = structlog.get_logger("gateway.app")
 
 RESTART_SECONDS = 1.0  # before a background loop that failed unexpectedly runs again
+FLEET_REPORT_SECONDS = 5.0
 
 
 class Gateway:
@@ -45,6 +48,7 @@ class Gateway:
             dynsec.DeviceAccess(config, storage, self.control) if self.control else None
         )
         reject = Rejections()
+        storage.heartbeats.synchronous_commit = config.heartbeat_sync_commit
         self.buffer = HeartbeatBuffer(config.heartbeat_window)
         link_id = config.connection_id("heartbeats")
         self.link = HeartbeatLink(
@@ -66,6 +70,8 @@ class Gateway:
             batch_max=config.batch_max, batch_wait=config.batch_wait_ms / 1000,
         )
         self.requests = Requests(config, storage, publisher, self.edge.done, self.access)
+        self.relay = Relay(config.database_url, storage.events, publisher, self.edge.connected,
+                           config.topic)
         self.membership = Membership(config.database_url, self.edge.client_id,
                                      config.topic_prefix, config.share_group)
         self.edge.handle(
@@ -114,7 +120,11 @@ class Gateway:
             ("process-registration", self._keep_registration),
             ("api-key-changes", self.requests.watch_keys),
             ("command-sweep", self._sweep_commands),
+            ("presence-sweep", self._sweep_presence),
+            ("fleet-gauges", self._report_fleet),
+            ("events-relay", self.relay.run),
             ("history-prune", self._prune_history),
+            ("events-prune", self._prune_events),
         ]
         if self.access is not None:
             loops.append(("credential-revocations", self.access.run))
@@ -194,6 +204,40 @@ class Gateway:
                 metrics.COMMANDS_EXPIRED.inc(len(expired))
                 self._finished(expired)
 
+    async def _sweep_presence(self) -> None:
+        every = self.config.presence_sweep_seconds
+        while True:
+            if await self._claim("presence", every):
+                started = time.monotonic()
+                fleet, marked = await self.storage.presence.sweep()
+                metrics.DEVICES_OFFLINE.inc(marked)
+                if marked:
+                    log.info("presence.marked_offline", devices=marked, online=fleet.online,
+                             offline=fleet.offline, unknown=fleet.unknown,
+                             seconds=round(time.monotonic() - started, 3))
+            await asyncio.sleep(every)
+
+    async def _report_fleet(self) -> None:
+        """Every process reports the fleet's counts (from the last presence sweep, by
+        whichever process ran it) and the outbox backlog."""
+        while True:
+            fleet = await self.storage.presence.last_counts()
+            if fleet is not None:
+                for connectivity in ("online", "offline", "unknown"):
+                    metrics.DEVICES.labels(connectivity).set(getattr(fleet, connectivity))
+            metrics.OUTBOX_BACKLOG.set(await self.storage.events.backlog())
+            await asyncio.sleep(FLEET_REPORT_SECONDS)
+
+    async def _prune_events(self) -> None:
+        every = self.config.history_prune_seconds
+        retention = dt.timedelta(days=self.config.events_retention_days)
+        while True:
+            if await self._claim("events_prune", every):
+                pruned = await self.storage.events.prune(retention)
+                if pruned:
+                    log.info("events.pruned", events=pruned)
+            await asyncio.sleep(every)
+
     async def _prune_history(self) -> None:
         every = self.config.history_prune_seconds
         while True:
@@ -238,6 +282,7 @@ async def serve(config: Config) -> None:
         timeout=config.db_timeout_seconds,
         min_size=config.db_pool_min,
         max_size=config.db_pool_max,
+        offline_after=config.offline_after_seconds,
     ) as storage:
         await storage.db.check_schema()
         await Gateway(config, storage).run(stop)

@@ -32,7 +32,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from gateway import auth, config, logs
+from gateway import asyncapi, auth, config, demo, logs, simulator
 from gateway.client import (
     ApiError,
     ConnectionLost,
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     _commands_commands(commands, client)
     _events_commands(commands, client)
     _call_command(commands, client)
+    _tool_commands(commands)
     return parser
 
 
@@ -126,6 +127,14 @@ def _run_command(commands: Subcommands) -> None:
                                            "more than 1 the share group defaults to "
                                            "'gateway'"))
     run.add_argument("--worker", dest="worker", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--offline-after-seconds", dest="offline_after_seconds", type=float,
+                     metavar="SECONDS",
+                     help=_help("offline_after_seconds", "a device without a heartbeat for "
+                                                         "this long is offline"))
+    run.add_argument("--events-retention-days", dest="events_retention_days", type=float,
+                     metavar="DAYS",
+                     help=_help("events_retention_days", "published events are kept this "
+                                                         "long"))
     run.add_argument("--dynsec", action="store_true", default=None,
                      help="issue device broker credentials with Mosquitto's dynamic "
                           "security plugin (default: off; env GATEWAY_DYNSEC=1)")
@@ -846,6 +855,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "handler", None) is not None:
         return _client_main(args)
+    if getattr(args, "tool", None) is not None:
+        return _tool_main(args)
     flags = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(Config)}
     try:
         cfg = config.from_os(flags)
@@ -888,6 +899,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     structlog.get_logger("gateway").debug("gateway.exit", code=1)
     return 1
+
+
+# Tools with their own options, run as they are (``tool``, see `main`).
+TOOLS: tuple[tuple[str, Any, str], ...] = (
+    ("simulate", simulator, "a fleet of simulated devices, until Ctrl-C"),
+    ("demo", demo, "the whole stack on this machine, until Ctrl-C"),
+    ("asyncapi", asyncapi, "print the AsyncAPI 3.0 document of every topic and payload"),
+)
+
+
+def _tool_commands(commands: Subcommands) -> None:
+    for name, module, text in TOOLS:
+        tool = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        module.add_arguments(tool)
+        tool.set_defaults(tool=module.run)
+
+
+def _tool_main(args: argparse.Namespace) -> int:
+    """A tool: library warnings to stderr, stdout left to the tool."""
+    logs.configure("console", "warning")
+    try:
+        code: int = _event_loop_run(args.tool(args))
+    except KeyboardInterrupt:
+        return 130
+    return code
 
 
 def _event_loop_run(coroutine: Coroutine[Any, Any, int]) -> int:

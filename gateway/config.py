@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from gateway.errors import ConfigError
+from gateway.storage.presence import OFFLINE_AFTER_SECONDS
 
 __all__ = ["Config", "ConfigError", "MqttEndpoint", "from_os", "load", "redact_url"]
 
@@ -92,6 +94,7 @@ class Config:
     batch_max: int = 2000
     batch_wait_ms: float = 5.0
     inbox_max: int = 20_000
+    heartbeat_sync_commit: bool = False
     # Request/reply.
     request_workers: int = 64
     request_queue_max: int = 4096
@@ -110,6 +113,9 @@ class Config:
     command_sweep_seconds: float = 5.0
     revocation_pass_seconds: float = 30.0
     history_prune_seconds: float = 3600.0
+    # Presence and events (protocol §11, §12).
+    offline_after_seconds: float = OFFLINE_AFTER_SECONDS
+    events_retention_days: float = 7.0
 
     def __post_init__(self) -> None:
         MqttEndpoint.parse(self.mqtt_url)
@@ -124,6 +130,10 @@ class Config:
             raise ConfigError("topic prefix must not contain wildcards")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
+        if not self.offline_after_seconds > 0:
+            raise ConfigError("the offline threshold must be more than 0 seconds")
+        if not self.events_retention_days > 0:
+            raise ConfigError("the events retention must be more than 0 days")
         if not 0 <= self.mqtt_keepalive_seconds <= 65535:
             raise ConfigError("MQTT keepalive must be 0 to 65535 seconds")
 
@@ -153,6 +163,12 @@ class Config:
         """A process alone keeps its broker sessions across reconnects; in a share group a
         session ends with its connection, so a dead process is given no more messages."""
         return bool(self.client_id) and self.share_group is None
+
+    @property
+    def presence_sweep_seconds(self) -> float:
+        """How often silent devices are looked for: a sixth of the offline threshold,
+        within 0.5 to 30 s, so a device.offline comes at most that late."""
+        return min(30.0, max(0.5, self.offline_after_seconds / 6))
 
     @property
     def heartbeat_window(self) -> int:
@@ -198,11 +214,14 @@ ENV_FIELDS: Mapping[str, str] = {
     "GATEWAY_CLIENT_ID": "client_id",
     "GATEWAY_DYNSEC": "dynsec",
     "GATEWAY_WORKERS": "workers",
+    "GATEWAY_OFFLINE_AFTER_SECONDS": "offline_after_seconds",
+    "GATEWAY_EVENTS_RETENTION_DAYS": "events_retention_days",
     # Tuning (docs/operations.md, Tuning); no flags.
     "GATEWAY_INBOX_MAX": "inbox_max",
     "GATEWAY_BATCH_MAX": "batch_max",
     "GATEWAY_DB_POOL_MAX": "db_pool_max",
     "GATEWAY_REQUEST_WORKERS": "request_workers",
+    "GATEWAY_HEARTBEAT_SYNC_COMMIT": "heartbeat_sync_commit",
 }
 
 _BOOLEAN_FIELDS = frozenset(
@@ -211,6 +230,9 @@ _BOOLEAN_FIELDS = frozenset(
 _INTEGER_FIELDS = frozenset(
     f.name for f in dataclasses.fields(Config)
     if isinstance(f.default, int) and not isinstance(f.default, bool)
+)
+_FLOAT_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(Config) if isinstance(f.default, float)
 )
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -230,6 +252,16 @@ def _integer(variable: str, value: str) -> int:
     return int(value)
 
 
+def _number(variable: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConfigError(f"{variable} must be a number, got {value!r}")
+    return number
+
+
 def load(environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
     """Build the Config from environment variables, then flags (flags win)."""
     values: dict[str, Any] = {}
@@ -240,6 +272,8 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
                 values[field] = _boolean(variable, environ[variable])
             elif field in _INTEGER_FIELDS:
                 values[field] = _integer(variable, environ[variable])
+            elif field in _FLOAT_FIELDS:
+                values[field] = _number(variable, environ[variable])
     values.update({k: v for k, v in overrides.items() if v is not None})
     values.setdefault("log_format", "console" if sys.stderr.isatty() else "json")
     return Config(**values)

@@ -362,6 +362,7 @@ def next_steps(*, mqtt_port: int, api_key: str, topic_prefix: str, database_url:
         f"  export GATEWAY_DATABASE_URL={shlex.quote(database_url)}",
         "",
         f"  {gateway} devices list",
+        f"  {gateway} events follow &    # what happens next, as it happens",
         f"  {gateway} devices reset {first}    # {first_serial} wipes itself, then "
         "acknowledges",
         f"  {gateway} commands list {first}",

@@ -92,6 +92,23 @@ PUBLISH_FAILURES = Counter(
 COMMANDS_EXPIRED = Counter(
     "gateway_commands_expired_total", "Commands moved to expired by the sweep."
 )
+DEVICES = Gauge(
+    "gateway_devices",
+    "Live devices by connectivity (online, offline, unknown), as the last presence sweep "
+    "counted them; every process reports the same fleet.",
+    ["connectivity"],
+)
+DEVICES_OFFLINE = Counter(
+    "gateway_devices_marked_offline_total", "Devices the presence sweep found silent."
+)
+EVENTS_PUBLISHED = Counter(
+    "gateway_events_published_total",
+    "Events published and acknowledged by the broker (a republication counts again).",
+    ["type"],
+)
+OUTBOX_BACKLOG = Gauge(
+    "gateway_outbox_backlog", "Events committed and not yet published (whole deployment)."
+)
 
 DEVICE_CREDENTIALS_ISSUED = Counter(
     "gateway_device_credentials_issued_total",

@@ -22,6 +22,9 @@ written for exactly the versions in `WRITTEN_FOR` (pinned in ``pyproject.toml``)
   The check runs four times a second.
 - **Acknowledging when done** (`Client.receipt`, `Client.done`): paho's manual
   acknowledgement, in arrival order (``gateway.acks``).
+- **Publishing with a confirmation** (`Client.publish_confirmed`): aiomqtt's ``publish``
+  returns on any PUBACK, also one whose MQTT 5 reason code refuses the message (a broker's
+  ACL answers "not authorized" so); here such a PUBACK is an error.
 """
 
 from __future__ import annotations
@@ -48,10 +51,15 @@ ACK_RUN = 1024
 MISC_INTERVAL_SECONDS = 0.25
 
 
+class PublishRefused(aiomqtt.MqttError):
+    """The broker acknowledged a QoS 1 message with a failure reason code."""
+
+
 class Client(aiomqtt.Client):
     """An aiomqtt client with the tweaks above; use only its public methods."""
 
     window: AckWindow
+    _confirmations: dict[int, asyncio.Future[None]]
 
     async def __aenter__(self) -> Client:
         # A fresh future makes `async with` wait for this connection's CONNACK.
@@ -96,6 +104,34 @@ class Client(aiomqtt.Client):
         """
         info = self._client.publish(topic, payload, qos=1, properties=properties)
         return info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN)
+
+    async def publish_confirmed(self, topic: str, payload: bytes, timeout: float) -> None:  # noqa: ASYNC109 - the wait for this PUBACK
+        """Publish at QoS 1 and wait for the broker's PUBACK; ``aiomqtt.MqttError`` when
+        the message cannot be queued, the PUBACK refuses it (`PublishRefused`), or none
+        comes within ``timeout``. Messages are sent in the order of the calls."""
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        # The PUBACK is read on this event loop, so it cannot come before this line.
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations[info.mid] = confirmed
+        try:
+            async with asyncio.timeout(timeout):
+                await confirmed
+        except TimeoutError as exc:
+            raise aiomqtt.MqttError(f"no PUBACK within {timeout} s") from exc
+        finally:
+            self._confirmations.pop(info.mid, None)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        confirmed = self._confirmations.pop(mid, None)
+        if confirmed is not None and not confirmed.done():
+            if getattr(reason_code, "is_failure", False):
+                confirmed.set_exception(PublishRefused(f"the broker refused it: {reason_code}"))
+            else:
+                confirmed.set_result(None)
+        super()._on_publish(client, userdata, mid, reason_code, properties)
 
     def unacknowledged(self) -> int:
         """QoS 1 messages handed to paho and not yet acknowledged by the broker."""
@@ -149,6 +185,7 @@ def make_client(
         **options,
     )
     client.window = AckWindow()
+    client._confirmations = {}
     client._client.manual_ack_set(True)
     read_all_ready(client._client)
     coalesce_acks(client._client)

@@ -1,4 +1,5 @@
-"""The one place that publishes: QoS 1, without waiting, bounded by paho's queue.
+"""The one place that publishes: QoS 1, without waiting, bounded by paho's queue (or
+waiting for the PUBACK, for the events relay).
 
 Replies to thousands of heartbeats a second cannot each await a PUBACK, so messages are
 queued on the client and sent as the socket allows. Publishing works from the start, also
@@ -24,6 +25,12 @@ class Publisher:
             return True
         metrics.PUBLISH_FAILURES.inc()
         return False
+
+    async def publish_acknowledged(self, topic: str, payload: bytes, timeout: float) -> None:  # noqa: ASYNC109 - the wait for this PUBACK
+        """Publish at QoS 1 and return once the broker accepted it; ``aiomqtt.MqttError``
+        when it cannot be sent, the broker refuses it, or no PUBACK came within
+        ``timeout``. Messages published one after another are sent in that order."""
+        await self._client.publish_confirmed(topic, payload, timeout)
 
     def unacknowledged(self) -> int:
         """Messages published and not yet acknowledged by the broker."""

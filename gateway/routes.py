@@ -19,6 +19,7 @@ import structlog
 from gateway_codecs import registry as wire
 from gateway_codecs import settings as settings_schema
 from gateway_codecs.api import Request
+from gateway_codecs.events import EventQuery
 from gateway_codecs.validation import ErrorDetail, Invalid, convert, free_of_nul
 
 from gateway import auth
@@ -149,7 +150,8 @@ def _registration(item: dict[str, Any]) -> wire.RegisterDevice:
 async def list_devices(ctx: Context, query: wire.DeviceQuery) -> Reply:
     bound = None if query.status is None else query.status == "bound"
     devices, has_more = await ctx.storage.devices.page(
-        query.page_size, query.starting_after, bound, query.end_user_id, query.serial_number
+        query.page_size, query.starting_after, bound, query.end_user_id, query.serial_number,
+        query.connectivity,
     )
     return 200, wire.DeviceList(data=devices, has_more=has_more)
 
@@ -296,6 +298,12 @@ async def cancel_command(ctx: Context, _: wire.Empty) -> Reply:
     return 200, await ctx.storage.commands.cancel(ctx.id)
 
 
+async def list_events(ctx: Context, query: EventQuery) -> Reply:
+    return 200, await ctx.storage.events.page(
+        query.after, query.page_size, query.type, query.device_id
+    )
+
+
 # ---- Telemetron ---------------------------------------------------------------------------
 
 # The Telemetron route words its errors as the vendor's API does, one at a time.
@@ -363,6 +371,7 @@ ROUTES: tuple[Route[Any], ...] = (
           "Invalid query"),
     Route("GET", "/v1/commands/{id}", R, get_command, source="none"),
     Route("POST", "/v1/commands/{id}/cancel", W, cancel_command, wire.Empty),
+    Route("GET", "/v1/events", R, list_events, EventQuery, "query", "Invalid query"),
     Route("POST", "/api/ext-v1/device", W, telemetron_upsert, source="none"),
 )
 ROUTER = Router(ROUTES)

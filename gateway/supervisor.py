@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import os
 import signal
 import socket
 import sys
@@ -77,9 +76,10 @@ class Worker:
         return args
 
     async def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        # The environment as it is (the tuning variables have no flags); the flags above
+        # win over the variables they share a setting with.
         self.process = await asyncio.create_subprocess_exec(
-            *self.command(), env=env, stdin=asyncio.subprocess.DEVNULL,
+            *self.command(), stdin=asyncio.subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
         log.info("supervisor.worker_started", worker=self.index, pid=self.process.pid)

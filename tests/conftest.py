@@ -186,7 +186,8 @@ def config(database_url: str, topic_prefix: str) -> Config:
 @contextlib.asynccontextmanager
 async def running_gateway(config: Config) -> AsyncIterator[Gateway]:
     """A gateway running in this event loop until the context exits."""
-    async with Storage.open(config.database_url, timeout=config.db_timeout_seconds) as storage:
+    async with Storage.open(config.database_url, timeout=config.db_timeout_seconds,
+                            offline_after=config.offline_after_seconds) as storage:
         gateway = Gateway(config, storage)
         stop = asyncio.Event()
         task = asyncio.create_task(gateway.run(stop), name="gateway-under-test")

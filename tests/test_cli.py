@@ -340,6 +340,27 @@ def test_config_comes_from_the_environment_and_flags_win() -> None:
         "127.0.0.1:9108", "", None)
 
 
+def test_presence_and_events_settings_are_numbers_above_zero() -> None:
+    """GATEWAY_OFFLINE_AFTER_SECONDS and GATEWAY_EVENTS_RETENTION_DAYS take decimals, flags
+    win, and anything not above 0 is a configuration error naming the setting."""
+    cfg = load({"GATEWAY_OFFLINE_AFTER_SECONDS": "1.5", "GATEWAY_EVENTS_RETENTION_DAYS": "30"},
+               {"log_format": "json"})
+    assert (cfg.offline_after_seconds, cfg.events_retention_days) == (1.5, 30.0)
+    assert cfg.presence_sweep_seconds == 0.5
+    assert load({}, {"log_format": "json"}).presence_sweep_seconds == 30.0
+    flags = load({"GATEWAY_OFFLINE_AFTER_SECONDS": "1.5"},
+                 {"log_format": "json", "offline_after_seconds": 60.0})
+    assert (flags.offline_after_seconds, flags.presence_sweep_seconds) == (60.0, 10.0)
+    for variable, value, says in [
+        ("GATEWAY_OFFLINE_AFTER_SECONDS", "0", "offline threshold"),
+        ("GATEWAY_OFFLINE_AFTER_SECONDS", "soon", "GATEWAY_OFFLINE_AFTER_SECONDS"),
+        ("GATEWAY_EVENTS_RETENTION_DAYS", "-1", "events retention"),
+        ("GATEWAY_EVENTS_RETENTION_DAYS", "nan", "GATEWAY_EVENTS_RETENTION_DAYS"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            load({variable: value}, {"log_format": "json"})
+
+
 def test_config_repr_never_shows_a_password() -> None:
     """repr/str of the config (and of the broker endpoint) hide the URLs' passwords,
     however they are spelled."""

@@ -133,6 +133,7 @@ async def test_a_device_may_use_its_own_topics_and_nothing_else(
         ("subscribe", "devices/+/commands"), ("subscribe", "devices/SN-A/+"),
         ("subscribe", "devices/#"), ("subscribe", "#"),
         ("publish", "api/v1/requests"), ("subscribe", "api/v1/replies/#"),
+        ("subscribe", "events/v1/#"), ("publish", "events/v1/device.online"),
         ("publish", "devices/SN-A/heartbeat/x"), ("subscribe", "$SYS/#"),
     ]
     for action, topic in denied:

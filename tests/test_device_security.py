@@ -423,6 +423,61 @@ async def test_factory_reset_that_expires_unacknowledged_revokes_the_credentials
 # ---- errors -------------------------------------------------------------------------------
 
 
+# ---- events under the broker's access rules ----------------------------------------------
+
+
+async def next_event(client: aiomqtt.Client, device_id: str, within: float = 10
+                     ) -> dict[str, Any]:
+    """The next event about ``device_id`` that ``client`` receives."""
+    async with asyncio.timeout(within):
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            event: dict[str, Any] = msgspec.json.decode(message.payload)
+            if event["device_id"] == device_id:
+                return event
+    raise AssertionError("the subscription ended")
+
+
+async def test_events_reach_backends_not_devices_and_wait_while_the_broker_refuses_them(
+    api: Caller, broker: DynsecBroker, db: asyncpg.Connection
+) -> None:
+    """A backend's account receives events; a device's cannot subscribe to them. While the
+    broker refuses the gateway's event publishes (PUBACK "not authorized"), the event stays
+    unpublished in the outbox; once the rule is back it goes out and is marked published."""
+    events = f"{PREFIX}/events/v1/#"
+    async with aiomqtt.Client(broker.host, broker.port, username=broker.backend,
+                              password=broker.backend_password, protocol=V5) as backend:
+        [code] = await backend.subscribe(events, qos=1)
+        assert not refused_code(code)
+        device_id, serial, password = await provision(api)
+        assert (await next_event(backend, device_id))["type"] == "device.registered"
+        async with device_session(broker, serial, password) as session:
+            [code] = await session.client.subscribe(events, qos=1)
+            assert refused_code(code)
+
+        rule = {"rolename": "gateway", "acltype": "publishClientSend",
+                "topic": f"{PREFIX}/events/v1/#"}
+        assert "error" not in await admin_command(broker, {"command": "removeRoleACL", **rule})
+        try:
+            status, _ = await api.call("POST", f"/v1/devices/{device_id}/bind",
+                                       {"end_user_id": "eu_events"})
+            assert status == 200
+            await asyncio.sleep(2)  # two relay attempts, both refused
+            held = await db.fetchval(
+                "SELECT published_at IS NULL FROM events WHERE device_id = $1 "
+                "AND type = 'device.bound'", device_id)
+            assert held is True
+        finally:
+            assert "error" not in await admin_command(
+                broker, {"command": "addRoleACL", **rule, "allow": True})
+        event = await next_event(backend, device_id)
+        assert event["type"] == "device.bound"
+        assert event["data"]["object"]["end_user_id"] == "eu_events"
+    await wait_for(lambda: db.fetchval(
+        "SELECT published_at IS NOT NULL FROM events WHERE device_id = $1 "
+        "AND type = 'device.bound'", device_id))
+
+
 async def test_credentials_route_errors(
     api: Caller, broker: DynsecBroker, database_url: str
 ) -> None:

@@ -5,11 +5,12 @@
 #
 #   dynsec-setup.sh gateway PASSWORD [TOPIC_PREFIX]
 #       The gateway's account, username "gateway". Its role receives heartbeats and
-#       requests, sends commands, settings and replies, and administers the plugin
+#       requests, sends commands, settings, replies and events, and administers the plugin
 #       (device accounts). Shared subscriptions (GATEWAY_SHARE_GROUP) are allowed.
 #   dynsec-setup.sh backend NAME PASSWORD [TOPIC_PREFIX]
 #       A backend service, username NAME: publishes requests, receives replies on
-#       api/v1/replies/NAME/... only (name its reply topics so).
+#       api/v1/replies/NAME/... only (name its reply topics so), and receives events
+#       (events/v1/#, shared subscriptions included).
 #
 # mosquitto_ctrl's connection options come from MOSQUITTO_CTRL_OPTS (default
 # "-h 127.0.0.1 -u admin"; add "-P ADMIN_PASSWORD", or it asks). Safe to run again:
@@ -66,6 +67,7 @@ case "$kind" in
         ctl addRoleACL gateway publishClientSend "${p}devices/+/commands" allow
         ctl addRoleACL gateway publishClientSend "${p}devices/+/settings" allow
         ctl addRoleACL gateway publishClientSend "${p}api/v1/replies/#" allow
+        ctl addRoleACL gateway publishClientSend "${p}events/v1/#" allow
         ctl addRoleACL gateway publishClientSend '$CONTROL/dynamic-security/v1' allow
         ;;
     backend)
@@ -76,6 +78,8 @@ case "$kind" in
         account "$name" "$password" "backend:$name"
         ctl addRoleACL "backend:$name" publishClientSend "${p}api/v1/requests" allow
         ctl addRoleACL "backend:$name" subscribePattern "${p}api/v1/replies/$name/#" allow
+        ctl addRoleACL "backend:$name" subscribePattern "${p}events/v1/#" allow
+        ctl addRoleACL "backend:$name" subscribePattern "\$share/+/${p}events/v1/#" allow
         ;;
     *)
         usage

@@ -15,8 +15,10 @@ from gateway.storage.commands import Commands
 from gateway.storage.credentials import Credentials
 from gateway.storage.database import Database, create_pool, migrate
 from gateway.storage.devices import Devices
+from gateway.storage.events import Outbox
 from gateway.storage.heartbeats import Heartbeats
 from gateway.storage.keys import ApiKeys
+from gateway.storage.presence import OFFLINE_AFTER_SECONDS, Presence
 from gateway.storage.settings import DeviceSettingsStore
 
 __all__ = ["Storage", "migrate"]
@@ -33,6 +35,8 @@ class Storage:
         self.commands = Commands(db)
         self.credentials = Credentials(db)
         self.heartbeats = Heartbeats(db)
+        self.events = Outbox(db)
+        self.presence = Presence(db)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -44,9 +48,10 @@ class Storage:
         min_size: int = 2,
         max_size: int = 12,
         health: Health | None = None,
+        offline_after: float = OFFLINE_AFTER_SECONDS,
     ) -> AsyncIterator[Storage]:
-        db = Database(await create_pool(dsn, timeout, min_size, max_size), timeout,
-                      health or Health())
+        pool = await create_pool(dsn, timeout, min_size, max_size, offline_after)
+        db = Database(pool, timeout, health or Health())
         try:
             yield cls(db)
         finally:

@@ -6,7 +6,7 @@ An open command past ``expires_at`` reads as expired before the sweep persists i
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -14,7 +14,9 @@ import msgspec
 from gateway_codecs.registry import MAX_OPEN_COMMANDS, Command, CommandResult
 
 from gateway.errors import Conflict, NotFound, RateLimited
+from gateway.storage import events
 from gateway.storage.database import Aggregate, found, iso, iso_or_none
+from gateway.storage.events import NewEvent
 
 _object = msgspec.json.Decoder(dict[str, Any])
 _result = msgspec.json.Decoder(CommandResult)
@@ -24,7 +26,7 @@ _EFFECTIVE_STATUS = (
     "CASE WHEN c.status IN ('pending', 'delivered') AND c.expires_at <= now() "
     "THEN 'expired' ELSE c.status END"
 )
-_SELECT = f"""
+SELECT = f"""
     SELECT c.id, c.device_id, c.type, c.params, c.attempts, c.result, c.created_at,
            c.delivered_at, c.expires_at, c.seq, {_EFFECTIVE_STATUS} AS status,
            CASE WHEN c.status IN ('pending', 'delivered') AND c.expires_at <= now()
@@ -60,12 +62,22 @@ def command(row: Mapping[str, Any]) -> Command:
 
 
 async def expire_overdue(conn: asyncpg.Connection, device_id: str) -> None:
-    """Persist the expiry of the device's overdue open commands (before counting them)."""
-    await conn.execute(
+    """Persist the expiry of the device's overdue open commands (before counting them);
+    the caller holds the device's health row lock (``events.lock_devices``)."""
+    expired = await conn.fetch(
         "UPDATE commands SET status = 'expired', completed_at = expires_at"
-        " WHERE device_id = $1 AND status IN ('pending', 'delivered') AND expires_at <= now()",
+        " WHERE device_id = $1 AND status IN ('pending', 'delivered') AND expires_at <= now()"
+        " RETURNING id",
         device_id,
     )
+    await record_events(conn, [("command.expired", row["id"]) for row in expired])
+
+
+async def record_events(conn: asyncpg.Connection, happened: Sequence[tuple[str, str]]) -> None:
+    """Record events (type, command id) in the caller's transaction; the caller holds the
+    devices' health row locks."""
+    await events.record_as_now(conn, happened, SELECT + " WHERE c.id = ANY($1::text[])",
+                               command)
 
 
 class Commands(Aggregate):
@@ -84,9 +96,10 @@ class Commands(Aggregate):
                 "SELECT id FROM devices WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
                 device_id,
             ))
+            await events.lock_devices(conn, [device_id])
             if idempotency_key is not None:
                 existing = await conn.fetchrow(
-                    _SELECT + " WHERE c.device_id = $1 AND c.idempotency_key = $2",
+                    SELECT + " WHERE c.device_id = $1 AND c.idempotency_key = $2",
                     device_id, idempotency_key,
                 )
                 if existing is not None:
@@ -117,13 +130,15 @@ class Commands(Aggregate):
                     )
             except asyncpg.UniqueViolationError as exc:
                 raise Conflict("A factory_reset is already open for this device") from exc
-            row = await conn.fetchrow(_SELECT + " WHERE c.id = $1", command_id)
-        return command(row), True
+            row = await conn.fetchrow(SELECT + " WHERE c.id = $1", command_id)
+            created = command(row)
+            await events.record(conn, [NewEvent("command.created", created)])
+        return created, True
 
     async def get(self, command_id: str) -> Command:
         async with self._db.connection() as conn:
             row = await conn.fetchrow(
-                _SELECT + " JOIN devices d ON d.id = c.device_id"
+                SELECT + " JOIN devices d ON d.id = c.device_id"
                 " WHERE c.id = $1 AND d.deleted_at IS NULL",
                 command_id,
             )
@@ -146,7 +161,7 @@ class Commands(Aggregate):
                 if after_seq is None:
                     raise NotFound(f"No such command: {starting_after}")
             rows = await conn.fetch(
-                _SELECT
+                SELECT
                 + " WHERE c.device_id = $1 AND ($2::bigint IS NULL OR c.seq < $2)"
                 f"  AND ($3::text IS NULL OR {_EFFECTIVE_STATUS} = $3)"
                 " ORDER BY c.seq DESC LIMIT $4",
@@ -159,26 +174,44 @@ class Commands(Aggregate):
         async with self._db.transaction() as conn:
             device_id = found(await conn.fetchval(
                 "SELECT c.device_id FROM commands c JOIN devices d ON d.id = c.device_id"
-                " WHERE c.id = $1 AND d.deleted_at IS NULL FOR UPDATE OF c",
+                " WHERE c.id = $1 AND d.deleted_at IS NULL",
                 command_id,
             ))
+            # The device's health row before its commands, as every writer takes them.
+            await events.lock_devices(conn, [device_id])
             await expire_overdue(conn, device_id)
             canceled = await conn.fetchval(
                 "UPDATE commands SET status = 'canceled', completed_at = now()"
                 " WHERE id = $1 AND status IN ('pending', 'delivered') RETURNING id",
                 command_id,
             )
-            current = command(await conn.fetchrow(_SELECT + " WHERE c.id = $1", command_id))
+            current = command(await conn.fetchrow(SELECT + " WHERE c.id = $1", command_id))
+            if canceled is not None:
+                await events.record(conn, [NewEvent("command.canceled", current)])
         if canceled is None:
             raise Conflict(f"Command is already {current.status}")
         return current
 
-    async def expire(self) -> list[Finished]:
-        """Persist the expiry of open commands past ``expires_at``; returns what expired."""
-        async with self._db.connection() as conn:
+    async def expire(self, most: int = 5000) -> list[Finished]:
+        """Persist the expiry of open commands past ``expires_at``, for up to ``most``
+        devices whose health row is not locked by a writer right now (the others are
+        left for the next sweep); returns what expired."""
+        async with self._db.transaction() as conn:
+            devices = await conn.fetchval(
+                "SELECT array_agg(device_id) FROM (SELECT DISTINCT device_id FROM commands"
+                "  WHERE status IN ('pending', 'delivered') AND expires_at <= now()"
+                "  LIMIT $1) overdue",
+                most,
+            )
+            if not devices:
+                return []
+            locked = await events.lock_devices(conn, devices, skip_locked=True)
             rows = await conn.fetch(
                 "UPDATE commands SET status = 'expired', completed_at = expires_at"
                 " WHERE status IN ('pending', 'delivered') AND expires_at <= now()"
-                " RETURNING id, device_id, type, status"
+                "   AND device_id = ANY($1::text[])"
+                " RETURNING id, device_id, type, status",
+                locked,
             )
+            await record_events(conn, [("command.expired", row["id"]) for row in rows])
         return [Finished(*row) for row in rows]

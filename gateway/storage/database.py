@@ -27,7 +27,7 @@ log = structlog.get_logger("gateway.storage")
 T = TypeVar("T")
 
 TABLES = ("devices", "device_settings", "device_settings_history", "commands", "api_keys",
-          "device_credentials", "sweeps", "gateway_processes", "device_health")
+          "device_credentials", "sweeps", "gateway_processes", "device_health", "events")
 _MIGRATION_LOCK = 7261554
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
@@ -89,9 +89,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(dsn: str, timeout: float, min_size: int, max_size: int) -> asyncpg.Pool:  # noqa: ASYNC109 - the pool's timeout, not this call's
+async def create_pool(
+    dsn: str,
+    timeout: float,  # noqa: ASYNC109 - the pool's timeout, not this call's
+    min_size: int,
+    max_size: int,
+    offline_after: float,
+) -> asyncpg.Pool:
     """A connection pool, or StorageUnavailable (saying to migrate if the database is
-    missing)."""
+    missing). Its connections carry ``gateway.offline_after``, the presence threshold the
+    device queries read."""
     try:
         return await asyncpg.create_pool(
             dsn,
@@ -99,6 +106,7 @@ async def create_pool(dsn: str, timeout: float, min_size: int, max_size: int) ->
             max_size=max_size,
             command_timeout=timeout,
             timeout=timeout,
+            server_settings={"gateway.offline_after": f"{offline_after} s"},
             init=_init_connection,
             reset=_no_reset,
             max_inactive_connection_lifetime=60,

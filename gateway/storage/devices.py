@@ -13,20 +13,29 @@ from gateway_codecs.registry import Device, model_of
 from gateway_codecs.settings import Settings, defaults
 
 from gateway.errors import Conflict, NotFound
-from gateway.storage import settings as settings_store
+from gateway.storage import events
 from gateway.storage.commands import expire_overdue
+from gateway.storage.commands import record_events as record_command_events
 from gateway.storage.database import Aggregate, found, iso, iso_or_none
 
 _settings = msgspec.json.Decoder(Settings)
 _recording_state = msgspec.json.Decoder(RecordingState)
 _object = msgspec.json.Decoder(dict[str, Any])
 
+# Presence (protocol §11), from the last applied heartbeat of device_health `h`. The
+# threshold is the connection's `gateway.offline_after` setting (`create_pool`).
+CONNECTIVITY = """
+    CASE WHEN h.last_heartbeat_at IS NULL THEN 'unknown'
+         WHEN h.last_heartbeat_at > now() - current_setting('gateway.offline_after')::interval
+         THEN 'online' ELSE 'offline' END"""
+
 # Every device route answers with this row: the registry, its health, its settings.
-SELECT = """
+SELECT = f"""
     SELECT d.id, d.serial_number, d.device_type, h.firmware_version, d.end_user_id,
            d.bound_at, h.battery_percent, h.storage_used_mb, h.storage_total_mb,
-           h.signal_strength_dbm, h.last_heartbeat_at, h.recording_state, d.metadata,
-           s.document AS settings, d.created_at, d.updated_at, d.deleted_at
+           h.signal_strength_dbm, h.last_heartbeat_at, {CONNECTIVITY} AS connectivity,
+           h.recording_state, d.metadata, s.document AS settings, d.created_at,
+           d.updated_at, d.deleted_at
     FROM devices d JOIN device_health h ON h.device_id = d.id
     JOIN device_settings s ON s.device_id = d.id
 """
@@ -52,6 +61,7 @@ def device(row: Mapping[str, Any]) -> Device:
         storage_total_mb=row["storage_total_mb"],
         signal_strength_dbm=row["signal_strength_dbm"],
         last_heartbeat_at=iso_or_none(row["last_heartbeat_at"]),
+        connectivity=row["connectivity"],
         recording_state=None if recording_state is None else _recording_state.decode(
             recording_state
         ),
@@ -60,6 +70,13 @@ def device(row: Mapping[str, Any]) -> Device:
         created_at=iso(row["created_at"]),
         updated_at=iso(row["updated_at"]),
     )
+
+
+async def record_events(conn: asyncpg.Connection, happened: Sequence[tuple[str, str]]) -> None:
+    """Record events (type, device id) in the caller's transaction, which holds the
+    devices' health row locks (or created the devices)."""
+    await events.record_as_now(conn, happened, SELECT + " WHERE d.id = ANY($1::text[])",
+                               device)
 
 
 # A device's change from PATCH: (firmware, metadata) to write, or None for no change.
@@ -116,6 +133,9 @@ class Devices(Aggregate):
                 [new.metadata for new in items], defaults(),
             )
             by_serial = {row["serial_number"]: row for row in rows}
+            created = {new.id for new in items} & {row["id"] for row in rows}
+            await record_events(conn, [("device.registered", new.id) for new in items
+                                       if new.id in created])
             missing = [serial for serial in firsts if serial not in by_serial]
             if missing:
                 # Registered by a transaction that committed after this statement's
@@ -159,7 +179,12 @@ class Devices(Aggregate):
                 return None, False
             if row["created"]:
                 await _insert_health(conn, row["id"], serial, None)
-                await settings_store.insert_defaults(conn, row["id"])
+                await _insert_settings(conn, row["id"])
+            else:
+                await events.lock_devices(conn, [row["id"]])
+            await record_events(
+                conn, [("device.registered" if row["created"] else "device.updated", row["id"])]
+            )
             current = await conn.fetchrow(SELECT + " WHERE d.id = $1", row["id"])
         return device(current), row["created"]
 
@@ -176,6 +201,7 @@ class Devices(Aggregate):
         bound: bool | None,
         end_user_id: str | None,
         serial: str | None,
+        connectivity: str | None = None,
     ) -> tuple[list[Device], bool]:
         """A page, newest first: (devices, has_more)."""
         async with self._db.connection() as conn:
@@ -193,8 +219,9 @@ class Devices(Aggregate):
                 "   AND ($2::boolean IS NULL OR (d.end_user_id IS NOT NULL) = $2)"
                 "   AND ($3::text IS NULL OR d.end_user_id = $3)"
                 "   AND ($4::text IS NULL OR d.serial_number = $4)"
+                f"  AND ($6::text IS NULL OR {CONNECTIVITY} = $6)"
                 " ORDER BY d.seq DESC LIMIT $5",
-                after_seq, bound, end_user_id, serial, limit + 1,
+                after_seq, bound, end_user_id, serial, limit + 1, connectivity,
             )
         return [device(row) for row in rows[:limit]], len(rows) > limit
 
@@ -215,7 +242,7 @@ class Devices(Aggregate):
                 "UPDATE device_health SET firmware_version = $2 WHERE device_id = $1",
                 device_id, new[0],
             )
-            return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+            return await _changed(conn, device_id, "device.updated")
 
     async def delete(self, device_id: str) -> None:
         """Soft-delete; the device's broker credentials are marked for revocation."""
@@ -235,19 +262,24 @@ class Devices(Aggregate):
                 " WHERE device_id = $1 AND revoked_at IS NULL",
                 device_id,
             )
+            await record_events(conn, [("device.deleted", device_id)])
 
     async def restore(self, device_id: str) -> Device:
         async with self._db.transaction() as conn:
             found(await conn.fetchval("SELECT id FROM devices WHERE id = $1", device_id))
-            await conn.execute(
-                "UPDATE devices SET deleted_at = NULL WHERE id = $1 AND deleted_at IS NOT NULL",
+            restored = await conn.fetchval(
+                "UPDATE devices SET deleted_at = NULL WHERE id = $1 AND deleted_at IS NOT NULL"
+                " RETURNING id",
                 device_id,
             )
+            await events.lock_devices(conn, [device_id])
             await conn.execute(
                 "UPDATE device_health SET deleted = false WHERE device_id = $1 AND deleted",
                 device_id,
             )
-            return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+            if restored is None:  # it was not deleted: nothing changed
+                return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+            return await _changed(conn, device_id, "device.restored")
 
     async def bind(self, device_id: str, end_user_id: str) -> Device:
         async with self._db.transaction() as conn:
@@ -258,31 +290,39 @@ class Devices(Aggregate):
             ))["end_user_id"]
             if current is not None and current != end_user_id:
                 raise Conflict("Device is bound to another end user")
-            if current is None:
-                await conn.execute(
-                    "UPDATE devices SET end_user_id = $2, bound_at = now(), updated_at = now()"
-                    " WHERE id = $1",
-                    device_id, end_user_id,
-                )
-            return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+            if current is not None:  # bound to this end user already: nothing changes
+                return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+            await conn.execute(
+                "UPDATE devices SET end_user_id = $2, bound_at = now(), updated_at = now()"
+                " WHERE id = $1",
+                device_id, end_user_id,
+            )
+            await events.lock_devices(conn, [device_id])
+            return await _changed(conn, device_id, "device.bound")
 
     async def unbind(self, device_id: str) -> Device:
         async with self._db.transaction() as conn:
-            await _unbind(conn, device_id)
-            return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+            if not await _unbind(conn, device_id):
+                return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+            return await _changed(conn, device_id, "device.unbound")
 
     async def reset(self, device_id: str, command_id: str, ttl: dt.timedelta) -> Device:
         """Unbind and queue one factory_reset (never two open at once)."""
         async with self._db.transaction() as conn:
-            await _unbind(conn, device_id)
+            unbound = await _unbind(conn, device_id)
             await expire_overdue(conn, device_id)
-            await conn.execute(
+            queued = await conn.fetchval(
                 "INSERT INTO commands (id, device_id, type, params, expires_at)"
                 " VALUES ($1, $2, 'factory_reset', '{}'::jsonb, now() + $3)"
                 " ON CONFLICT (device_id) WHERE type = 'factory_reset'"
-                "   AND status IN ('pending', 'delivered') DO NOTHING",
+                "   AND status IN ('pending', 'delivered') DO NOTHING RETURNING id",
                 command_id, device_id, ttl,
             )
+            if unbound:
+                await record_events(conn, [("device.unbound", device_id)])
+            await record_events(conn, [("device.reset", device_id)])
+            if queued is not None:
+                await record_command_events(conn, [("command.created", queued)])
             return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
 
 
@@ -296,13 +336,39 @@ async def _insert_health(
     )
 
 
-async def _unbind(conn: asyncpg.Connection, device_id: str) -> None:
-    found(await conn.fetchval(
-        "UPDATE devices SET end_user_id = NULL, bound_at = NULL,"
-        " updated_at = CASE WHEN end_user_id IS NULL THEN updated_at ELSE now() END"
-        " WHERE id = $1 AND deleted_at IS NULL RETURNING id",
+async def _unbind(conn: asyncpg.Connection, device_id: str) -> bool:
+    """Unbind the device (404 if there is none); True if it was bound. Takes the device's
+    row and then its health row, as every writer of events does."""
+    was_bound = found(await conn.fetchval(
+        "UPDATE devices d SET end_user_id = NULL, bound_at = NULL,"
+        " updated_at = CASE WHEN old.end_user_id IS NULL THEN d.updated_at ELSE now() END"
+        " FROM (SELECT id, end_user_id FROM devices WHERE id = $1 AND deleted_at IS NULL"
+        "       FOR UPDATE) old"
+        " WHERE d.id = old.id RETURNING old.end_user_id IS NOT NULL",
         device_id,
     ))
+    await events.lock_devices(conn, [device_id])
+    return bool(was_bound)
+
+
+async def _changed(conn: asyncpg.Connection, device_id: str, event_type: str) -> Device:
+    """The device as it now is, with the event of its change recorded."""
+    current = device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))
+    await events.record(conn, [events.NewEvent(event_type, current)])
+    return current
+
+
+async def _insert_settings(conn: asyncpg.Connection, device_id: str) -> None:
+    """A new device's settings: the defaults, at version 1."""
+    document = defaults()
+    await conn.execute(
+        "INSERT INTO device_settings (device_id, document, version) VALUES ($1, $2, 1)",
+        device_id, document,
+    )
+    await conn.execute(
+        "INSERT INTO device_settings_history (device_id, version, document) VALUES ($1, 1, $2)",
+        device_id, document,
+    )
 
 
 _UPSERT_UPDATE_SQL = """
@@ -360,7 +426,8 @@ SELECT ins.id, ins.serial_number, ins.device_type, i.firmware_version,
        NULL::text AS end_user_id, NULL::timestamptz AS bound_at,
        NULL::smallint AS battery_percent, NULL::bigint AS storage_used_mb,
        NULL::bigint AS storage_total_mb, NULL::smallint AS signal_strength_dbm,
-       NULL::timestamptz AS last_heartbeat_at, NULL::jsonb AS recording_state,
+       NULL::timestamptz AS last_heartbeat_at, 'unknown' AS connectivity,
+       NULL::jsonb AS recording_state,
        ins.metadata, $6::json AS settings, ins.created_at, ins.updated_at,
        NULL::timestamptz AS deleted_at
 FROM inserted ins JOIN input i USING (id)

@@ -19,7 +19,9 @@ from gateway_codecs.registry import COMMANDS_PER_MESSAGE
 
 from gateway.errors import BatchFailed
 from gateway.storage.commands import Finished
+from gateway.storage.commands import record_events as record_command_events
 from gateway.storage.database import Aggregate
+from gateway.storage.devices import record_events as record_device_events
 from gateway.storage.settings import HISTORY_KEEP
 
 _document = msgspec.json.Decoder(dict[str, Any])
@@ -30,6 +32,10 @@ _commands = msgspec.json.Decoder(list[Command])
 # batch. JIT compiling costs tens of milliseconds per batch, more than it saves here.
 # Only in this transaction: the registry's small lookups keep their cached plans.
 _BATCH_SETTINGS = "SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL jit = off"
+# A heartbeat batch need not wait for its WAL to reach the disk (docs/performance.md): a
+# crash of PostgreSQL can lose its last fraction of a second of heartbeats, which every
+# device's next heartbeat repairs; registry writes stay synchronous.
+_ASYNC_COMMIT = "; SET LOCAL synchronous_commit = off"
 
 _RETRYABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
@@ -105,6 +111,9 @@ def _outcome(row: asyncpg.Record) -> Outcome:
 
 
 class Heartbeats(Aggregate):
+    # Whether a batch waits for its WAL flush (GATEWAY_HEARTBEAT_SYNC_COMMIT; off by default).
+    synchronous_commit = False
+
     async def apply(
         self, rounds: Sequence[HeartbeatColumns], acks: AckColumns | None
     ) -> Written:
@@ -114,17 +123,22 @@ class Heartbeats(Aggregate):
         """
         try:
             async with self._db.transaction() as conn:
-                await conn.execute(_BATCH_SETTINGS)
+                await conn.execute(
+                    _BATCH_SETTINGS if self.synchronous_commit else _BATCH_SETTINGS + _ASYNC_COMMIT
+                )
                 finished: list[Finished] = []
+                happened = _Happened()
                 if acks is not None:
-                    # Lock the acking devices first: every other writer takes a device's
-                    # row before its commands, so this order cannot deadlock with them.
+                    # Lock the acking devices' health rows first: every other writer of a
+                    # device's commands takes that row before them, so this order cannot
+                    # deadlock with them (and it orders the device's events).
                     await conn.execute(_LOCK_DEVICES_SQL, acks.serials)
                     finished = [
                         Finished(*row) for row in await conn.fetch(
                             _ACK_SQL, acks.serials, acks.ids, acks.statuses, acks.details
                         )
                     ]
+                    happened.commands.extend((f"command.{f.status}", f.id) for f in finished)
                 written = Written(outcomes=[], applied=0, finished=finished)
                 for columns in rounds:
                     rows = await conn.fetch(
@@ -137,8 +151,11 @@ class Heartbeats(Aggregate):
                     for row in rows:
                         if row["serial"] is None:
                             written.applied += row["version"]
-                        else:
+                            continue
+                        happened.add(row)
+                        if row["applied"] is False or row["commands"] or row["version"]:
                             written.outcomes.append(_outcome(row))
+                await happened.record(conn)
         except asyncpg.PostgresError as exc:
             raise BatchFailed(
                 f"{type(exc).__name__}: {exc}", retryable=isinstance(exc, _RETRYABLE)
@@ -146,11 +163,32 @@ class Heartbeats(Aggregate):
         return written
 
 
-# NO KEY UPDATE, not UPDATE: it still serialises with the other writers of a device row,
-# but not with the KEY SHARE lock of a foreign-key check, so a settings write (which holds
-# device_settings, then inserts history referencing the device) cannot deadlock with it.
+class _Happened:
+    """The events a batch causes, recorded in its transaction once the batch is written:
+    devices coming online or reporting their current settings, first deliveries of
+    commands, and commands the acks finished."""
+
+    def __init__(self) -> None:
+        self.devices: list[tuple[str, str]] = []  # (event type, device id)
+        self.commands: list[tuple[str, str]] = []  # (event type, command id)
+
+    def add(self, row: asyncpg.Record) -> None:
+        if row["came_online"]:
+            self.devices.append(("device.online", row["device_id"]))
+        if row["settings_applied"]:
+            self.devices.append(("device.settings_applied", row["device_id"]))
+        self.commands.extend(("command.delivered", c) for c in row["first_delivered"] or ())
+
+    async def record(self, conn: asyncpg.Connection) -> None:
+        await record_device_events(conn, self.devices)
+        await record_command_events(conn, self.commands)
+
+
+# NO KEY UPDATE, not UPDATE: it still serialises with the other writers of a device's
+# health row, but not with the KEY SHARE lock of a foreign-key check.
 _LOCK_DEVICES_SQL = """
-SELECT 1 FROM devices WHERE serial_number = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE
+SELECT 1 FROM device_health WHERE serial_number = ANY($1::text[]) ORDER BY device_id
+FOR NO KEY UPDATE
 """
 
 # Acks from a batch: only open, unexpired commands of the acking (live) device change.
@@ -187,11 +225,18 @@ WITH input AS (
         signal_strength_dbm = COALESCE(i.signal, h.signal_strength_dbm),
         recording_state = COALESCE(i.rec::jsonb, h.recording_state),
         applied_version = COALESCE(i.sv, h.applied_version),
-        last_heartbeat_at = to_timestamp(i.received)
+        last_heartbeat_at = to_timestamp(i.received),
+        -- Set values that tell, in RETURNING, what this heartbeat changed.
+        online_since = COALESCE(h.online_since, to_timestamp(i.received)),
+        applied_at = CASE WHEN i.sv IS DISTINCT FROM h.applied_version AND i.sv IS NOT NULL
+                          THEN to_timestamp(i.received) ELSE h.applied_at END
     FROM input i
     WHERE h.serial_number = i.serial AND NOT h.deleted
       AND (i.ts IS NULL OR h.last_ts IS NULL OR i.ts > h.last_ts)
-    RETURNING h.device_id, h.serial_number, i.sv, i.deliver, h.settings_version
+    RETURNING h.device_id, h.serial_number, i.sv, i.deliver, h.settings_version,
+              h.online_since = to_timestamp(i.received) AS came_online,
+              h.applied_at = to_timestamp(i.received) AND i.sv = h.settings_version
+                  AS settings_applied
 ), due AS (
     SELECT o.id FROM upd u CROSS JOIN LATERAL (
         SELECT c.id FROM commands c
@@ -206,13 +251,15 @@ WITH input AS (
     -- against the new row, and a terminal command must stay terminal and unsent.
     UPDATE commands c SET status = 'delivered', attempts = c.attempts + 1, delivered_at = now()
     FROM due WHERE c.id = due.id AND c.status IN ('pending', 'delivered')
-    RETURNING c.device_id, c.seq, c.id, c.type, c.params, c.created_at, c.expires_at
+    RETURNING c.device_id, c.seq, c.id, c.type, c.params, c.created_at, c.expires_at,
+              c.attempts
 ), sent_by_device AS (
     SELECT device_id, json_agg(json_build_object(
         'id', id, 'type', type, 'params', params,
         'created_at', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
         'expires_at', to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
-    ) ORDER BY seq)::text AS commands
+    ) ORDER BY seq)::text AS commands,
+    array_agg(id ORDER BY seq) FILTER (WHERE attempts = 1) AS first_delivered
     FROM sent GROUP BY device_id
 ), gap AS (
     -- Any version but the current one needs an update: an older one a patch from history
@@ -229,16 +276,20 @@ WITH input AS (
     WHERE NOT EXISTS (SELECT 1 FROM upd u WHERE u.serial_number = i.serial)
 )
 -- Rows only for what needs the gateway's attention: applied heartbeats with something to
--- send, heartbeats not applied; then one row counting every heartbeat applied.
+-- send or an event to record, heartbeats not applied; then one row counting every
+-- heartbeat applied.
 SELECT u.serial_number AS serial, u.device_id, false AS deleted, true AS applied, sb.commands,
-       g.version, g.current_settings, g.base_settings, u.sv AS reported_version
+       g.version, g.current_settings, g.base_settings, u.sv AS reported_version,
+       u.came_online, u.settings_applied, sb.first_delivered
 FROM upd u
 LEFT JOIN sent_by_device sb ON sb.device_id = u.device_id
 LEFT JOIN gap g ON g.device_id = u.device_id
-WHERE sb.commands IS NOT NULL OR g.version IS NOT NULL
+WHERE sb.commands IS NOT NULL OR g.version IS NOT NULL OR u.came_online OR u.settings_applied
 UNION ALL
-SELECT m.serial, m.device_id, COALESCE(m.deleted, false), false, NULL, NULL, NULL, NULL, NULL
+SELECT m.serial, m.device_id, COALESCE(m.deleted, false), false, NULL, NULL, NULL, NULL, NULL,
+       false, false, NULL
 FROM missing m
 UNION ALL
-SELECT NULL, NULL, false, true, NULL, (SELECT count(*) FROM upd)::int, NULL, NULL, NULL
+SELECT NULL, NULL, false, true, NULL, (SELECT count(*) FROM upd)::int, NULL, NULL, NULL,
+       false, false, NULL
 """

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import asyncpg
 import msgspec
 from gateway_codecs.registry import DeviceSettings
-from gateway_codecs.settings import Settings, defaults
+from gateway_codecs.settings import Settings
 
 from gateway.errors import Conflict
 from gateway.storage.database import Aggregate, found, iso
+from gateway.storage.devices import record_events
 
 # Versions kept per device; a device reporting an older one gets the full document.
 HISTORY_KEEP = 32
@@ -38,19 +38,6 @@ def _view(row: Mapping[str, Any], *, applied: bool) -> DeviceSettings:
     if applied:
         view.applied_version = row["applied_version"]
     return view
-
-
-async def insert_defaults(conn: asyncpg.Connection, device_id: str) -> None:
-    """A new device's settings: the defaults, at version 1."""
-    document = defaults()
-    await conn.execute(
-        "INSERT INTO device_settings (device_id, document, version) VALUES ($1, $2, 1)",
-        device_id, document,
-    )
-    await conn.execute(
-        "INSERT INTO device_settings_history (device_id, version, document) VALUES ($1, 1, $2)",
-        device_id, document,
-    )
 
 
 class DeviceSettingsStore(Aggregate):
@@ -89,6 +76,7 @@ class DeviceSettingsStore(Aggregate):
                 "UPDATE device_health SET settings_version = $2 WHERE device_id = $1",
                 device_id, version,
             )
+            await record_events(conn, [("device.settings_changed", device_id)])
         return _view(updated, applied=False)
 
     async def prune_history(self) -> int:

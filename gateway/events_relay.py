@@ -1,0 +1,118 @@
+"""The events relay: publishes the outbox on ``events/v1/{type}`` (protocol §12).
+
+Every process runs one; the one holding the session advisory lock `RELAY_LOCK` on a
+connection of its own publishes, the others try for the lock every `STANDBY_SECONDS`.
+PostgreSQL releases the lock the moment the holder's connection ends, so when a relay's
+process dies another takes over within about a second.
+
+The active relay listens on `CHANNEL` (every transaction that records events notifies it
+at commit) and looks anyway every `IDLE_SECONDS`, in case a notification was lost. It gives
+committed events their positions in `seq` order (per device, the commit order), publishes a
+batch at QoS 1 in position order, waits for every PUBACK, and only then marks the batch
+published. A crash or a lost broker connection in between publishes the batch again: at
+most `BATCH` events are published twice per failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+
+import aiomqtt
+import asyncpg
+import msgspec
+import structlog
+
+from gateway import metrics
+from gateway.publisher import Publisher
+from gateway.storage.database import UNAVAILABLE
+from gateway.storage.events import CHANNEL, RELAY_LOCK, Outbox, StoredEvent
+
+log = structlog.get_logger("gateway.events")
+
+BATCH = 500
+IDLE_SECONDS = 1.0
+STANDBY_SECONDS = 1.0
+RETRY_SECONDS = 1.0
+PUBLISH_TIMEOUT_SECONDS = 10.0
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Relay:
+    def __init__(
+        self,
+        dsn: str,
+        outbox: Outbox,
+        publisher: Publisher,
+        broker_up: asyncio.Event,
+        topic: Callable[[str], str],
+    ) -> None:
+        self._dsn = dsn
+        self._outbox = outbox
+        self._publisher = publisher
+        self._broker_up = broker_up
+        self._topic = topic
+        self.active = False  # True while this process holds the relay lock
+
+    async def run(self) -> None:
+        """Relay until cancelled (a background loop)."""
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+            except (*UNAVAILABLE, asyncpg.PostgresError):
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            try:
+                await self._hold(conn)
+            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+                log.warning("events.relay_connection_lost", error=str(exc))
+            finally:
+                self.active = False
+                with contextlib.suppress(*UNAVAILABLE, asyncpg.PostgresError):
+                    await conn.close()
+                if not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(RETRY_SECONDS)
+
+    async def _hold(self, conn: asyncpg.Connection) -> None:
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):  # noqa: ASYNC110 - PostgreSQL does not announce a released lock
+            await asyncio.sleep(STANDBY_SECONDS)
+        self.active = True
+        log.info("events.relay_active")
+        wake = asyncio.Event()
+        await conn.add_listener(CHANNEL, lambda *_: wake.set())
+        while True:
+            await self._broker_up.wait()
+            wake.clear()
+            events = await self._outbox.assign(conn, BATCH)
+            if not events:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_SECONDS):
+                        await wake.wait()
+                continue
+            if await self._publish(events):
+                await self._outbox.published(conn, [event.id for event in events])
+            else:
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _publish(self, events: Sequence[StoredEvent]) -> bool:
+        """Publish in order (each publish is handed to the client before the next); True
+        once the broker acknowledged all of them, False if any failed."""
+        failed: list[Exception] = []
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for event in events:
+                    tasks.create_task(self._publisher.publish_acknowledged(
+                        self._topic(f"events/v1/{event.type}"), _encode(event),
+                        PUBLISH_TIMEOUT_SECONDS,
+                    ))
+        except* aiomqtt.MqttError as group:
+            failed.extend(group.exceptions)
+        if failed:
+            log.warning("events.publish_failed", events=len(events), error=str(failed[0]))
+            return False
+        for event in events:
+            metrics.EVENTS_PUBLISHED.labels(event.type).inc()
+        return True

@@ -42,10 +42,12 @@ class Gateway:
         peers = Peers()  # the process's connections to the broker
         self.edge = Edge(config, self.health, peers)
         publisher = self.edge.publisher
-        # Device broker credentials, with Mosquitto's dynamic security plugin only.
+        # Device broker credentials: at the broker too with Mosquitto's dynamic security
+        # plugin, or in the database only for a broker that reads them there (EMQX).
         self.control = dynsec.Control(publisher, self.edge.connected) if config.dynsec else None
         self.access = (
-            dynsec.DeviceAccess(config, storage, self.control) if self.control else None
+            dynsec.DeviceAccess(config, storage, self.control)
+            if config.dynsec or config.database_credentials else None
         )
         reject = Rejections()
         storage.heartbeats.synchronous_commit = config.heartbeat_sync_commit
@@ -126,7 +128,7 @@ class Gateway:
             ("history-prune", self._prune_history),
             ("events-prune", self._prune_events),
         ]
-        if self.access is not None:
+        if self.access is not None and self.control is not None:
             loops.append(("credential-revocations", self.access.run))
         return loops
 

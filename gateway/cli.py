@@ -138,6 +138,10 @@ def _run_command(commands: Subcommands) -> None:
     run.add_argument("--dynsec", action="store_true", default=None,
                      help="issue device broker credentials with Mosquitto's dynamic "
                           "security plugin (default: off; env GATEWAY_DYNSEC=1)")
+    run.add_argument("--database-credentials", action="store_true", default=None,
+                     help="issue device broker credentials into PostgreSQL only, for a "
+                          "broker that authenticates devices from it, such as EMQX "
+                          "(default: off; env GATEWAY_DATABASE_CREDENTIALS=1)")
 
 
 def _db_commands(commands: Subcommands) -> None:

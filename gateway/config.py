@@ -106,6 +106,8 @@ class Config:
     drain_seconds: float = 10.0
     # Per-device broker credentials through Mosquitto's dynamic security plugin.
     dynsec: bool = False
+    # Device credentials in PostgreSQL only, for a broker that reads them there (EMQX).
+    database_credentials: bool = False
     # Periodic work, in seconds. Sweeps are claimed in the database, so each runs once per
     # period whatever the number of gateway processes.
     health_interval_seconds: float = 2.0
@@ -130,6 +132,11 @@ class Config:
             raise ConfigError("topic prefix must not contain wildcards")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
+        if self.dynsec and self.database_credentials:
+            raise ConfigError(
+                "GATEWAY_DYNSEC and GATEWAY_DATABASE_CREDENTIALS exclude each other: use "
+                "GATEWAY_DYNSEC with Mosquitto, GATEWAY_DATABASE_CREDENTIALS with a broker "
+                "that reads device credentials from PostgreSQL (EMQX)")
         if not self.offline_after_seconds > 0:
             raise ConfigError("the offline threshold must be more than 0 seconds")
         if not self.events_retention_days > 0:
@@ -213,6 +220,7 @@ ENV_FIELDS: Mapping[str, str] = {
     "GATEWAY_LOG_LEVEL": "log_level",
     "GATEWAY_CLIENT_ID": "client_id",
     "GATEWAY_DYNSEC": "dynsec",
+    "GATEWAY_DATABASE_CREDENTIALS": "database_credentials",
     "GATEWAY_WORKERS": "workers",
     "GATEWAY_OFFLINE_AFTER_SECONDS": "offline_after_seconds",
     "GATEWAY_EVENTS_RETENTION_DAYS": "events_retention_days",

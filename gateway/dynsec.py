@@ -44,6 +44,7 @@ from gateway.errors import (
 from gateway.logs import RateLimitedLog
 from gateway.publisher import Publisher
 from gateway.storage import Storage
+from gateway.storage.credentials import Reservation
 
 log = structlog.get_logger("gateway.dynsec")
 
@@ -165,9 +166,14 @@ class Issued:
 
 
 class DeviceAccess:
-    """Issues, rotates and revokes device credentials; owns the revocation task."""
+    """Issues, rotates and revokes device credentials; owns the revocation task.
 
-    def __init__(self, config: Config, storage: Storage, control: Control) -> None:
+    With a ``control`` (GATEWAY_DYNSEC), every change is made at the broker as well. Without
+    one (GATEWAY_DATABASE_CREDENTIALS), credentials live in PostgreSQL only, for a broker
+    that authenticates devices from it (EMQX, deploy/emqx): a revocation is then the
+    database's ``revoked_at``, which the broker's queries read, and nothing is sent."""
+
+    def __init__(self, config: Config, storage: Storage, control: Control | None) -> None:
         self._config = config
         self._storage = storage
         self._control = control
@@ -199,13 +205,32 @@ class DeviceAccess:
         """New credentials for a live device; the password exists only in the result.
 
         The device's credentials are leased (no transaction stays open while the broker
-        answers), changed at the broker, then confirmed. Raises NotFound, Conflict (the
-        broker has a client of that name the gateway did not create, or another change
-        of these credentials is in progress), DynsecUnavailable, DynsecRefused,
-        StorageUnavailable.
+        answers), changed at the broker (with dynamic security), then confirmed. Raises
+        NotFound, Conflict (the broker has a client of that name the gateway did not
+        create, or another change of these credentials is in progress),
+        DynsecUnavailable, DynsecRefused, StorageUnavailable.
         """
         password = secrets.token_urlsafe(24)
         reservation = await self._storage.credentials.reserve_issue(device_id, _lease())
+        serial = reservation.serial
+        if self._control is not None:
+            await self._set_at_broker(reservation, password)
+        try:
+            confirmed = await self._storage.credentials.confirm_issue(
+                reservation, hash_password(password)
+            )
+        except NotFound:
+            # Deleted while the broker was being changed: the new account is revoked.
+            self.revoke_later((device_id,))
+            raise
+        metrics.DEVICE_CREDENTIALS_ISSUED.inc()
+        log.info("dynsec.credentials_issued", device_id=device_id, rotated=confirmed.rotated)
+        return Issued(device_id, serial, password, confirmed.created_at, confirmed.rotated,
+                      self.topics(serial))
+
+    async def _set_at_broker(self, reservation: Reservation, password: str) -> None:
+        """Create or update the device's client and role at the broker (leased)."""
+        assert self._control is not None
         serial = reservation.serial
         try:
             client = await self._control.get_client(serial)
@@ -223,7 +248,7 @@ class DeviceAccess:
             if client is None:
                 commands.append(wire.Command(
                     command="createClient", username=serial, password=password,
-                    textname=MANAGED_TEXTNAME, textdescription=device_id,
+                    textname=MANAGED_TEXTNAME, textdescription=reservation.device_id,
                     roles=[wire.RoleRef(role)],
                 ))
             else:
@@ -236,23 +261,13 @@ class DeviceAccess:
             with contextlib.suppress(StorageUnavailable):
                 await self._storage.credentials.release(reservation)
             raise
-        try:
-            confirmed = await self._storage.credentials.confirm_issue(
-                reservation, hash_password(password)
-            )
-        except NotFound:
-            # Deleted while the broker was being changed: the new account is revoked.
-            self.revoke_later((device_id,))
-            raise
-        metrics.DEVICE_CREDENTIALS_ISSUED.inc()
-        log.info("dynsec.credentials_issued", device_id=device_id, rotated=confirmed.rotated)
-        return Issued(device_id, serial, password, confirmed.created_at, confirmed.rotated,
-                      self.topics(serial))
 
     # ---- revoke ----------------------------------------------------------------------
 
     async def revoke_now(self, device_id: str) -> None:
         """Apply a revocation already recorded (a delete); on failure leave it to the task."""
+        if self._control is None:
+            return  # recorded in the database, which is where the broker looks
         try:
             await self._revoke(device_id)
         except (DynsecUnavailable, DynsecRefused, StorageUnavailable) as exc:
@@ -261,6 +276,8 @@ class DeviceAccess:
 
     def revoke_later(self, device_ids: Iterable[str]) -> None:
         """Ask the task to check these devices' credentials (acks, expiries)."""
+        if self._control is None:
+            return
         queued = False
         for device_id in device_ids:
             queued = True
@@ -279,6 +296,8 @@ class DeviceAccess:
         per period whatever the number of processes; passes asked for by this process's
         acks, expiries and deletes always run.
         """
+        if self._control is None:
+            return
         every = self._config.revocation_pass_seconds
         delay = 1.0
         while True:
@@ -327,6 +346,7 @@ class DeviceAccess:
         return ok
 
     async def _revoke(self, device_id: str) -> None:
+        assert self._control is not None
         reservation = await self._storage.credentials.claim_revocation(device_id, _lease())
         if reservation is None:
             return  # applied already, or another process is at it

@@ -212,7 +212,8 @@ async def issue_credentials(ctx: Context, _: wire.Empty) -> Reply:
     """Issue (or rotate) the device's broker password; it is in this reply only."""
     if ctx.access is None:
         raise Conflict(
-            "Device credentials need the broker's dynamic security (GATEWAY_DYNSEC=1)"
+            "Device credentials need the broker's dynamic security (GATEWAY_DYNSEC=1), or "
+            "GATEWAY_DATABASE_CREDENTIALS=1 for a broker that reads them from PostgreSQL"
         )
     try:
         issued = await ctx.access.issue(ctx.id)

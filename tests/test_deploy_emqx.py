@@ -9,6 +9,7 @@ row allows is denied (authorization.no_match = deny)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 import secrets
@@ -19,8 +20,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+from conftest import caller, running_gateway
 from test_deploy import DEPLOY
 
+from gateway.config import Config, ConfigError
 from gateway.dynsec import hash_password
 
 EMQX_CONF = (DEPLOY / "emqx" / "emqx.conf").read_text()
@@ -192,3 +195,34 @@ async def test_emqx_role_reads_nothing_else(emqx: asyncpg.Connection) -> None:
         await emqx.fetch("SELECT key_hash FROM api_keys")
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await emqx.fetch("SELECT metadata FROM devices")
+
+
+async def test_the_gateway_issues_credentials_emqx_reads_without_a_broker_call(
+    config: Config, db: asyncpg.Connection, emqx: asyncpg.Connection, topic_prefix: str,
+    api_key: str,
+) -> None:
+    """With GATEWAY_DATABASE_CREDENTIALS the credentials route writes what EMQX's queries
+    read, and nothing else: the issued password logs in, a rotation replaces it, a
+    delete revokes it."""
+    cfg = dataclasses.replace(config, database_credentials=True)
+    async with running_gateway(cfg), caller(topic_prefix, api_key) as api:
+        _, device = await api.call("POST", "/v1/devices", {"serial_number": "SN-EMQX-1"})
+        path = f"/v1/devices/{device['id']}/credentials"
+        status, first = await api.call("POST", path)
+        assert (status, first["username"], first["rotated"]) == (201, "SN-EMQX-1", False)
+        assert await login(emqx, "SN-EMQX-1", first["password"])
+        assert emqx_allows(await emqx.fetch(AUTHZ, "SN-EMQX-1"), "publish",
+                           first["topics"]["heartbeat"].removeprefix(f"{topic_prefix}/"))
+        status, second = await api.call("POST", path)
+        assert (status, second["rotated"]) == (201, True)
+        assert await login(emqx, "SN-EMQX-1", second["password"])
+        assert not await login(emqx, "SN-EMQX-1", first["password"])
+        status, _ = await api.call("DELETE", f"/v1/devices/{device['id']}")
+        assert status == 200
+        assert not await login(emqx, "SN-EMQX-1", second["password"])
+        assert not await emqx.fetch(AUTHZ, "SN-EMQX-1")
+
+
+def test_both_credential_modes_at_once_are_a_configuration_error(config: Config) -> None:
+    with pytest.raises(ConfigError, match="exclude each other"):
+        dataclasses.replace(config, dynsec=True, database_credentials=True)

@@ -25,6 +25,9 @@ written for exactly the versions in `WRITTEN_FOR` (pinned in ``pyproject.toml``)
 - **Publishing with a confirmation** (`Client.publish_confirmed`): aiomqtt's ``publish``
   returns on any PUBACK, also one whose MQTT 5 reason code refuses the message (a broker's
   ACL answers "not authorized" so); here such a PUBACK is an error.
+- **The broker's packet limit** (`Client.max_packet_size`, `Client.publish_size`): the
+  MQTT 5 CONNACK may carry the broker's Maximum Packet Size; a PUBLISH over it makes the
+  broker close the connection, so publishers check a message's size against it first.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class Client(aiomqtt.Client):
 
     window: AckWindow
     _confirmations: dict[int, asyncio.Future[None]]
+    # The broker's Maximum Packet Size from this connection's CONNACK; None: no limit
+    # given (MQTT 3.1.1, or a broker without one), or not connected yet.
+    max_packet_size: int | None = None
 
     async def __aenter__(self) -> Client:
         # A fresh future makes `async with` wait for this connection's CONNACK.
@@ -123,6 +129,21 @@ class Client(aiomqtt.Client):
         finally:
             self._confirmations.pop(info.mid, None)
 
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any = None) -> None:
+        # Each CONNACK states the limit afresh: a broker restarted with another
+        # max_packet_size, or another broker behind the same address, applies from here.
+        limit = getattr(properties, "MaximumPacketSize", None)
+        self.max_packet_size = limit if isinstance(limit, int) and limit > 0 else None
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def publish_size(
+        self, topic: str, payload: bytes, properties: Properties | None = None, qos: int = 1
+    ) -> int:
+        """Bytes of the PUBLISH packet paho writes for this message on this connection."""
+        return publish_packet_size(topic, payload, properties, qos=qos,
+                                   v5=self._client.protocol == paho.MQTTv5)
+
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
                     properties: Any) -> None:
         confirmed = self._confirmations.pop(mid, None)
@@ -145,6 +166,30 @@ class Client(aiomqtt.Client):
         """Acknowledge these messages (in arrival order: earlier ones not done wait)."""
         for packet_id in self.window.done(receipts):
             self._client.ack(packet_id, 1)
+
+
+def publish_packet_size(
+    topic: str, payload: bytes, properties: Properties | None = None, *, qos: int = 1,
+    v5: bool = True,
+) -> int:
+    """The size of a PUBLISH packet as paho's ``_send_publish`` lays it out, which is what
+    a broker's maximum packet size counts (MQTT 5.0 3.3, 3.1.1 3.3): the fixed header byte,
+    the remaining length (1 to 4 bytes), the topic (2 + its UTF-8 bytes), the packet id
+    (QoS 1 and 2), the properties (MQTT 5; their length alone when there are none) and the
+    payload."""
+    remaining = 2 + len(topic.encode()) + len(payload) + (2 if qos else 0)
+    if v5:
+        remaining += 1 if properties is None else len(properties.pack())  # type: ignore[no-untyped-call]
+    return 1 + _varint_size(remaining) + remaining
+
+
+def _varint_size(value: int) -> int:
+    """Bytes of an MQTT Variable Byte Integer (the remaining length)."""
+    size = 1
+    while value >= 128:
+        value //= 128
+        size += 1
+    return size
 
 
 def disconnect_reason(exc: BaseException) -> int | None:

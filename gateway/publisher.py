@@ -4,23 +4,56 @@ waiting for the PUBACK, for the events relay).
 Replies to thousands of heartbeats a second cannot each await a PUBACK, so messages are
 queued on the client and sent as the socket allows. Publishing works from the start, also
 before the first connection: the client keeps what it cannot send yet.
+
+A message over the broker's maximum packet size (from the connection's CONNACK) is never
+handed to the client: the broker would close the connection for it, and paho would send it
+again after every reconnect. Request/reply checks its answers first (`fits`) and answers an
+error instead; anything else over it is refused and counted as a publish failure.
 """
 
 from __future__ import annotations
 
+import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import metrics
+from gateway.logs import RateLimitedLog
 from gateway.mqtt_client import Client
+
+log = structlog.get_logger("gateway.publisher")
 
 
 class Publisher:
     def __init__(self, client: Client) -> None:
         self._client = client
+        self._too_large_log = RateLimitedLog()
+
+    @property
+    def max_packet_size(self) -> int | None:
+        """The broker's maximum packet size on the current connection (None: no limit)."""
+        return self._client.max_packet_size
+
+    def fits(self, topic: str, payload: bytes,
+             properties: Properties | None = None) -> tuple[bool, int]:
+        """Whether the broker takes this message as a QoS 1 PUBLISH, and the packet's size
+        in bytes."""
+        size = self._client.publish_size(topic, payload, properties)
+        limit = self._client.max_packet_size
+        return limit is None or size <= limit, size
 
     def publish(self, topic: str, payload: bytes, properties: Properties | None = None) -> bool:
-        """Queue a QoS 1 message; False (and counted) when it could not be queued."""
+        """Queue a QoS 1 message; False (and counted) when it could not be queued or is
+        larger than the broker accepts."""
+        if self._client.max_packet_size is not None:
+            fits, size = self.fits(topic, payload, properties)
+            if not fits:
+                metrics.PUBLISH_FAILURES.inc()
+                allowed, suppressed = self._too_large_log.allow()
+                if allowed:
+                    log.warning("publish.too_large", topic=topic[:200], size=size,
+                                limit=self._client.max_packet_size, suppressed=suppressed)
+                return False
         if self._client.publish_nowait(topic, payload, properties):
             return True
         metrics.PUBLISH_FAILURES.inc()

@@ -4,6 +4,10 @@ MQTT 5 callers name the reply topic in the Response Topic property (and may send
 Correlation Data, echoed back as a property); MQTT 3.1.1 callers put ``reply_to`` and
 ``correlation_id`` in the envelope. Replies only ever go to topics under
 ``api/v1/replies/`` (after the topic prefix) without wildcards.
+
+An answer larger than the broker's maximum packet size (its MQTT 5 CONNACK says) is not
+published: the broker would close the connection and the request, redelivered, would do it
+again. The caller gets a small 500 ``internal_error`` saying so instead (a write was applied).
 """
 
 from __future__ import annotations
@@ -184,12 +188,28 @@ class Requests:
         finally:
             structlog.contextvars.clear_contextvars()
         elapsed = time.perf_counter() - started
-        metrics.REQUESTS.labels(route, str(status)).inc()
-        metrics.REQUEST_DURATION.labels(route).observe(elapsed)
-        if status >= 500:
-            log.warning("request.answered", route=route, status=status)
         payload = wire.encode_response(wire.Response(status, body, correlation))
         properties = correlation_properties(incoming.correlation_data)
+        fits, size = self._publisher.fits(reply_to, payload, properties)
+        if not fits:
+            # Publishing it would make the broker close the connection, and the request,
+            # redelivered, would do so again: the caller gets a small error instead.
+            limit = self._publisher.max_packet_size
+            log.warning("request.reply_too_large", route=route, status=status, size=size,
+                        limit=limit)
+            too_large = InternalError(_too_large_message(status, size, limit))
+            status = too_large.status
+            payload = wire.encode_response(
+                wire.Response(status, _error_body(too_large, document), correlation))
+            if not self._publisher.fits(reply_to, payload, properties)[0]:
+                # Only when the reply topic and Correlation Data alone nearly fill it.
+                self._dropped("reply_too_large", "even an error answer exceeds the broker's "
+                              "maximum packet size", size=size, limit=limit)
+                return
+        elif status >= 500:
+            log.warning("request.answered", route=route, status=status)
+        metrics.REQUESTS.labels(route, str(status)).inc()
+        metrics.REQUEST_DURATION.labels(route).observe(elapsed)
         self._publisher.publish(reply_to, payload, properties)
 
     async def _dispatch(self, request: wire.Request) -> tuple[int, msgspec.Struct]:
@@ -207,6 +227,15 @@ def _parse(document: Any) -> wire.Request:
         return wire.parse_request(document)
     except wire.EnvelopeError as exc:
         raise InvalidRequest(str(exc)) from exc
+
+
+def _too_large_message(status: int, size: int, limit: int | None) -> str:
+    """Why an answer was replaced by an error: it would exceed the broker's limit."""
+    if status < 400:
+        return (f"The response ({size} bytes) is larger than the broker accepts ({limit} "
+                "bytes); the request was applied; ask for fewer items")
+    return (f"The error response ({size} bytes, status {status}) is larger than the broker "
+            f"accepts ({limit} bytes); the request changed nothing")
 
 
 def _error_body(exc: ApiError, document: Any) -> msgspec.Struct:

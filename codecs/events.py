@@ -1,7 +1,7 @@
 """Events: what the gateway publishes on ``events/v1/{type}`` and lists at ``GET /v1/events``.
 
 An event says that a change committed: ``data.object`` is the device or the command after
-it. Event ids sort in commit order.
+it. Event ids sort in publish order, which for one device is its commit order.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class EventData(msgspec.Struct):
 class Event(msgspec.Struct, kw_only=True):
     """One event; consumers de-duplicate by ``id`` (delivery is at least once)."""
 
-    id: str  # evt_..., sorting in commit order
+    id: str  # evt_..., sorting in publish order (per device: commit order)
     object: Literal["event"] = "event"
     type: EventType
     created_at: str  # ISO 8601 UTC to the millisecond, with a Z

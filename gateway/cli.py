@@ -43,6 +43,7 @@ from gateway.client import (
 )
 from gateway.config import Config, ConfigError, redact_url
 from gateway.errors import ProcessConflict, StorageUnavailable
+from gateway.heartbeat_link import LinkError
 from gateway.storage import Storage, migrate
 from gateway.storage.database import iso
 from gateway.storage.keys import ApiKey
@@ -891,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gateway: database {redact_url(cfg.database_url)}: {exc}", file=sys.stderr)
     except ProcessConflict as exc:
         print(f"gateway: refused to start: {exc}", file=sys.stderr)
-    except aiomqtt.MqttError as exc:
+    except (aiomqtt.MqttError, LinkError) as exc:
         print(f"gateway: broker unreachable at {redact_url(cfg.mqtt_url)}: {exc}",
               file=sys.stderr)
     except asyncpg.UndefinedTableError:

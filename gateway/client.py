@@ -87,8 +87,8 @@ _ERRORS: dict[str, type[ApiError]] = {cls.type: cls for cls in (
 )}
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "DELETE"})
 # A batch's reply holds every device object (about 1 KiB with its settings) and echoes
-# what each item sent. The default budget keeps replies within the 1 MiB max_packet_size
-# of the broker configurations in deploy/mosquitto/.
+# what each item sent. The default budget keeps replies within 1 MiB, a common broker
+# max_packet_size (deploy/mosquitto/ allows 4 MiB).
 DEFAULT_MAX_REPLY_BYTES = 1_000_000
 _REPLY_BYTES_PER_ITEM = 1_100
 _REQUEST_BUDGET = envelope.MAX_REQUEST_BYTES - 4096  # room for the envelope around the body

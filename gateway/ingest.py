@@ -1,7 +1,7 @@
 """Heartbeat intake: each message decoded on arrival and buffered, or rejected and counted.
 
-Called by the edge for every message on ``devices/+/heartbeat``, on the event loop thread.
-What is rejected here (and why) is counted in ``gateway_heartbeats_rejected_total`` and
+Called by the heartbeat link for every message on ``devices/+/heartbeat``, on the event
+loop thread. What is rejected here (and why) is counted in ``gateway_heartbeats_rejected_total`` and
 logged at most 20 times per 10 s.
 """
 

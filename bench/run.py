@@ -10,8 +10,11 @@ From the repository root (``bench`` is not an installed package). What it does, 
    missing) and seeds the devices that are missing (``bench.seed``; 1M take ~50 s once,
    later runs only count them).
 2. Starts a tuned Mosquitto (``bench.mosquitto``) and the gateway as a subprocess
-   (``python -m gateway.cli run ... --log-level warning``), waits for ``/healthz``; and,
-   each on a tuned Mosquitto of its own, the references (``bench.reference``):
+   (``python -m gateway.cli run ... --log-level warning``; with ``--gateway-workers N``
+   above 1, ``--workers N``: a supervisor and N workers sharing the group ``gateway``,
+   whose ``/metrics`` series, labelled ``worker``, the bench sums), waits for
+   ``/healthz``; and, each on a tuned Mosquitto of its own, the references
+   (``bench.reference``):
    ``bench.ceiling`` in its ``async for`` mode (aiomqtt's ordinary receive loop, no
    processing: the ceiling for the client library), ``bench.ceiling --drain`` (the same
    with the queue read in batches, the receive style of the gateway's edge) and
@@ -24,20 +27,34 @@ From the repository root (``bench`` is not an installed package). What it does, 
    sent, the subject applied exactly what was sent (the gateway's
    ``gateway_heartbeats_applied_total``; the references' own counts), nothing was
    rejected, and a sample of the devices heartbeated in the step has in PostgreSQL
-   exactly the ``ts`` and ``battery_percent`` last sent to it.
+   exactly the ``ts`` and ``battery_percent`` last sent to it. After each step the bench
+   waits (``--max-drain``) until every heartbeat sent is *accounted for*: applied +
+   stale + superseded + rejected == sent, from the gateway's counters.
 4. **Soak** (the references are stopped by then): ``--duration`` seconds at
    ``--soak-rate`` (default 16,667/s, a million devices once a minute; the highest
    sustained ladder rate if that is lower, and the next lower one if the soak fails),
-   with the same checks on a larger sample (``--verify-sample``), receive-to-commit lag
+   with the same checks on a larger sample (``--verify-sample``), the rejections by
+   reason (``overflow``: the buffer was full), receive-to-commit lag
    p50/p99 from the gateway's ``gateway_heartbeat_lag_seconds`` histogram (diffed over
    the soak, interpolated within buckets), the gateway's RSS (``/proc/PID/status``,
    sampled every second) and CPU per 1,000 heartbeats (``/proc/PID/stat``) of the
-   gateway, Mosquitto, PostgreSQL (the backends connected to the bench database) and
-   the load generator (this process).
+   gateway (each of its processes, and their sum), Mosquitto, PostgreSQL (the backends
+   connected to the bench database) and the load generator (this process). A soak
+   *loses* when it rejected a heartbeat, when a sampled device is not at the last
+   heartbeat sent, or when applied + stale + superseded != sent; then, after the report,
+   the command exits with status 1 (not keeping up in time is no loss by itself).
+
+   ``--overload`` replaces the soak: ``--soak-rate`` (beyond what the gateway applies)
+   for ``--duration``, then up to ``--max-drain`` (default 300 s) until every heartbeat
+   is accounted for, with no time limit on keeping up, and the zero-loss check; it
+   reports the largest backlog (sent - accounted for), the drain time, the overflow
+   count, the gateway's RSS, CPU per 1,000 heartbeats, and a request probe (one
+   ``GET /v1/devices/{id}`` every 100 ms throughout, 5 s each, ``bench.rpc.run_probe``).
 5. **Request/reply**: ``GET /v1/devices/{id}`` with ``--rpc-in-flight`` requests
    outstanding for ``--rpc-seconds`` (``bench.rpc``), with a key made by
    ``gateway apikey create --scope devices:read``.
-6. Prints the tables and the targets with their ratios; ``--json FILE`` saves it all.
+6. Prints the tables and the targets with their ratios; ``--json FILE`` saves it all
+   (``losses``: what each soak lost, empty when nothing).
 
 Every broker and process it starts is stopped on the way out, also on Ctrl-C.
 """
@@ -67,7 +84,7 @@ import asyncpg
 from bench._common import run as run_loop
 from bench.loadgen import LoadGen, make_serials
 from bench.mosquitto import TunedMosquitto, free_port
-from bench.rpc import run_rpc
+from bench.rpc import ProbeResult, run_probe, run_rpc
 from bench.seed import device_id, seed_devices, verify_zero_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,8 +99,20 @@ TARGET_CEILING_RATIO = 0.7
 TARGET_BASELINE_RATIO = 5.0
 TARGET_RSS_MB = 300.0
 TARGET_RSS_MINUTES = 5.0
-TARGET_RPC_RATE = 2_000.0
+TARGET_RPC_RATE = 4_000.0  # GET /v1/devices/{id} with auth, TARGET_RPC_IN_FLIGHT in flight
 TARGET_RPC_P99_MS = 50.0
+TARGET_RPC_IN_FLIGHT = 64
+# CPU ms per 1,000 heartbeats over the soak: every process (the gateway's, Mosquitto, the
+# PostgreSQL backends of the bench database, the load generator) together; the gateway's
+# (supervisor and workers); the PostgreSQL backends.
+TARGET_CPU_ALL_MS = 85.0
+TARGET_CPU_GATEWAY_MS = 40.0
+TARGET_CPU_PG_MS = 28.0
+# --overload: a GET every PROBE_INTERVAL s while overloaded, each answered within this.
+TARGET_PROBE_TIMEOUT = 5.0
+PROBE_INTERVAL = 0.1
+# --max-drain when not given: after a ladder step, after a soak, in --overload.
+MAX_DRAIN_STEP, MAX_DRAIN_SOAK, MAX_DRAIN_OVERLOAD = 30.0, 120.0, 300.0
 
 REFERENCE_NAMES = {
     "ceiling": "ceiling (async for)",
@@ -92,6 +121,7 @@ REFERENCE_NAMES = {
 }
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+STALL_SECONDS = 30.0  # waiting for a backlog: give up when nothing moves for this long
 LAG_METRIC = "gateway_heartbeat_lag_seconds"
 
 
@@ -123,58 +153,150 @@ def proc_rss_mb(pid: int) -> float | None:
     return None
 
 
+def proc_children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc/*/stat), in PID order."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:  # field 4: ppid
+            children.append(int(entry.name))
+    return sorted(children)
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").rstrip("\0").split("\0")
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float | None]:
+    """CPU seconds so far of each named process."""
+    return {name: proc_cpu(pid) for name, pid in pids.items()}
+
+
 # ---- the gateway's /metrics -------------------------------------------------------------
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-_LE = re.compile(r'le="([^"]+)"')
 
 
 @dataclass(frozen=True, slots=True)
 class Metrics:
+    """The heartbeat series of the gateway's /metrics; with ``--workers`` the sum over the
+    workers (``worker`` label)."""
+
     received: float = 0.0
     applied: float = 0.0
     stale: float = 0.0
+    superseded: float = 0.0
     rejected: float = 0.0
     rejected_by: dict[str, float] = field(default_factory=dict)
     inbox_depth: float = 0.0
     lag_buckets: tuple[tuple[float, float], ...] = ()  # (le, cumulative count), +Inf last
     lag_sum: float = 0.0
     lag_count: float = 0.0
+    worker_restarts: float = 0.0  # the supervisor's gateway_worker_restarts_total
+    workers: tuple[str, ...] = ()  # the worker labels summed ("": a single process)
+
+    @property
+    def accounted(self) -> float:
+        """Heartbeats whose handling is over: received = applied + stale + superseded +
+        rejected once all are handled."""
+        return self.applied + self.stale + self.superseded + self.rejected
+
+    @property
+    def overflow(self) -> float:
+        return self.rejected_by.get("overflow", 0.0)
 
 
-def parse_metrics(text: str) -> Metrics:
-    values: dict[str, float] = {}
-    rejected_by: dict[str, float] = {}
-    buckets: list[tuple[float, float]] = []
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_PLAIN = {
+    "gateway_heartbeats_received_total": "received",
+    "gateway_heartbeats_applied_total": "applied",
+    "gateway_heartbeats_stale_total": "stale",
+    "gateway_heartbeats_superseded_total": "superseded",
+    "gateway_inbox_depth": "inbox_depth",
+    f"{LAG_METRIC}_sum": "lag_sum",
+    f"{LAG_METRIC}_count": "lag_count",
+    "gateway_worker_restarts_total": "worker_restarts",
+}
+
+
+def parse_metrics_by_worker(text: str) -> dict[str, Metrics]:
+    """The heartbeat series of an exposition per value of the ``worker`` label ("" for a
+    series without one: a single gateway process, or the supervisor's own)."""
+    values: dict[str, dict[str, float]] = {}
+    rejected_by: dict[str, dict[str, float]] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
         m = _SAMPLE.match(line)
         if m is None:
             continue
-        name, labels, raw = m.group(1), m.group(2) or "", m.group(3)
+        name, raw = m.group(1), m.group(3)
+        if name not in _PLAIN and name != f"{LAG_METRIC}_bucket" \
+                and name != "gateway_heartbeats_rejected_total":
+            continue
+        labels = dict(_LABEL.findall(m.group(2) or ""))
+        worker = labels.pop("worker", "")
         value = float(raw)
         if name == f"{LAG_METRIC}_bucket":
-            le = _LE.search(labels)
-            if le:
-                buckets.append((float(le.group(1)), value))  # float("+Inf") is inf
+            if "le" in labels:
+                buckets.setdefault(worker, []).append((float(labels["le"]), value))  # +Inf
         elif name == "gateway_heartbeats_rejected_total":
-            reason = re.search(r'reason="([^"]*)"', labels)
-            rejected_by[reason.group(1) if reason else ""] = value
+            by = rejected_by.setdefault(worker, {})
+            reason = labels.get("reason", "")
+            by[reason] = by.get(reason, 0.0) + value
         elif not labels:
-            values[name] = value
-    buckets.sort()
+            values.setdefault(worker, {})[_PLAIN[name]] = value
+    out = {}
+    for worker in {*values, *rejected_by, *buckets}:
+        by = rejected_by.get(worker, {})
+        out[worker] = Metrics(
+            rejected=sum(by.values()), rejected_by=by,
+            lag_buckets=tuple(sorted(buckets.get(worker, []))),
+            workers=(worker,), **values.get(worker, {}),
+        )
+    return out
+
+
+def combine(parts: Sequence[Metrics]) -> Metrics:
+    """The sum of several processes' series (histogram buckets by bound)."""
+    if len(parts) == 1:
+        return parts[0]
+    rejected_by: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    for part in parts:
+        for reason, value in part.rejected_by.items():
+            rejected_by[reason] = rejected_by.get(reason, 0.0) + value
+        for le, count in part.lag_buckets:
+            buckets[le] = buckets.get(le, 0.0) + count
     return Metrics(
-        received=values.get("gateway_heartbeats_received_total", 0.0),
-        applied=values.get("gateway_heartbeats_applied_total", 0.0),
-        stale=values.get("gateway_heartbeats_stale_total", 0.0),
+        received=sum(p.received for p in parts),
+        applied=sum(p.applied for p in parts),
+        stale=sum(p.stale for p in parts),
+        superseded=sum(p.superseded for p in parts),
         rejected=sum(rejected_by.values()),
         rejected_by=rejected_by,
-        inbox_depth=values.get("gateway_inbox_depth", 0.0),
-        lag_buckets=tuple(buckets),
-        lag_sum=values.get(f"{LAG_METRIC}_sum", 0.0),
-        lag_count=values.get(f"{LAG_METRIC}_count", 0.0),
+        inbox_depth=sum(p.inbox_depth for p in parts),
+        lag_buckets=tuple(sorted(buckets.items())),
+        lag_sum=sum(p.lag_sum for p in parts),
+        lag_count=sum(p.lag_count for p in parts),
+        worker_restarts=sum(p.worker_restarts for p in parts),
+        workers=tuple(sorted(w for p in parts for w in p.workers if w)),
     )
+
+
+def parse_metrics(text: str) -> Metrics:
+    """The heartbeat series of an exposition, summed over every worker."""
+    return combine(list(parse_metrics_by_worker(text).values()) or [Metrics()])
 
 
 async def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:  # noqa: ASYNC109
@@ -236,8 +358,9 @@ def histogram_fraction_le(
 
 @dataclass(slots=True)
 class Counters:
-    processed: int  # gateway: heartbeats applied; references: messages handled
-    applied: int  # rows written (gateway: = processed; ceiling: = handled)
+    processed: int  # gateway: heartbeats handled (applied + stale + superseded +
+    # rejected); references: messages handled
+    applied: int  # rows written (ceiling: = handled)
     rejected: int = 0
     metrics: Metrics | None = None  # the gateway's
 
@@ -247,14 +370,21 @@ class Counters:
 
 
 class GatewayProcess:
-    """``python -m gateway.cli run`` as a child process, with its /metrics."""
+    """``python -m gateway.cli run`` as a child process, with its /metrics; with
+    ``workers`` above 1, ``gateway run --workers N``: a supervisor and N worker processes
+    (its children), whose /metrics the supervisor gathers with a ``worker`` label."""
 
     name = "gateway"
     writes = True
 
     def __init__(self, mqtt_port: int, database_url: str, workdir: Path,
-                 pg_settings: Sequence[str] = (), env: Sequence[str] = ()) -> None:
+                 pg_settings: Sequence[str] = (), env: Sequence[str] = (),
+                 workers: int = 1) -> None:
         self.mqtt_port = mqtt_port
+        self.workers = workers
+        self._pids: dict[str, int] = {}
+        self._last: dict[str, Metrics] = {}  # per worker label, the last scraped
+        self.scrape_gaps = 0  # scrapes that lacked a worker (its last series stood in)
         self.extra_env = dict(item.split("=", 1) for item in env)
         # Session settings for the gateway's own connections, as DSN query parameters
         # (asyncpg passes unknown ones to the server): an experiment knob.
@@ -282,6 +412,7 @@ class GatewayProcess:
                 "--database-url", self.database_url,
                 "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
                 "--log-level", "warning",
+                *(("--workers", str(self.workers)) if self.workers > 1 else ()),
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
@@ -292,10 +423,34 @@ class GatewayProcess:
                                    + self.log_tail())
             with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
                 status, _ = await http_get("127.0.0.1", self.metrics_port, "/healthz", 1.0)
-                if status == 200:
+                # The supervisor answers 200 once every worker does.
+                if status == 200 and len(self.processes(refresh=True)) == self.workers + (
+                        self.workers > 1):
                     return
             await asyncio.sleep(0.1)
         raise RuntimeError("the gateway did not become healthy:\n" + self.log_tail())
+
+    def processes(self, refresh: bool = False) -> dict[str, int]:
+        """The gateway's processes by name: ``{"gateway": pid}`` for a single process;
+        ``{"supervisor": pid, "worker 1": pid, ...}`` with workers (the supervisor's
+        children that run ``--worker i``). Looked up again when ``refresh`` or when one
+        of them is gone (a restarted worker)."""
+        if self.proc is None:
+            return {}
+        if not refresh and self._pids and all(
+                Path(f"/proc/{pid}").exists() for pid in self._pids.values()):
+            return self._pids
+        if self.workers <= 1:
+            self._pids = {"gateway": self.proc.pid}
+            return self._pids
+        pids = {"supervisor": self.proc.pid}
+        for child in proc_children(self.proc.pid):
+            argv = proc_cmdline(child)
+            if "--worker" in argv[:-1]:
+                pids[f"worker {argv[argv.index('--worker') + 1]}"] = child
+        self._pids = dict(sorted(pids.items(), key=lambda kv: (
+            kv[0] != "supervisor", int(kv[0].split()[-1]) if kv[0] != "supervisor" else 0)))
+        return self._pids
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -304,14 +459,22 @@ class GatewayProcess:
             return ""
 
     async def metrics(self) -> Metrics:
-        status, body = await http_get("127.0.0.1", self.metrics_port, "/metrics")
+        """The heartbeat series, summed over the workers. A worker missing from a scrape
+        (the supervisor gives a worker 2 s to answer) counts with its last series."""
+        status, body = await http_get("127.0.0.1", self.metrics_port, "/metrics", 10.0)
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
-        return parse_metrics(body.decode())
+        parts = parse_metrics_by_worker(body.decode())
+        if self.workers > 1:
+            missing = {w: m for w, m in self._last.items() if w and w not in parts}
+            self.scrape_gaps += bool(missing)
+            parts |= missing
+        self._last = parts
+        return combine(list(parts.values()) or [Metrics()])
 
     async def counters(self) -> Counters:
         m = await self.metrics()
-        return Counters(int(m.applied), int(m.applied), int(m.rejected), m)
+        return Counters(int(m.accounted), int(m.applied), int(m.rejected), m)
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.returncode is not None:
@@ -423,6 +586,15 @@ async def pg_backend_pids(conn: asyncpg.Connection) -> list[int]:
     return [r["pid"] for r in rows]
 
 
+async def pg_background_pids(conn: asyncpg.Connection) -> list[int]:
+    """The server's processes other than client backends (WAL writer, checkpointer,
+    background writer, autovacuum, ...): server-wide, not only the bench database's."""
+    rows = await conn.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type <> 'client backend'"
+    )
+    return [r["pid"] for r in rows]
+
+
 async def pg_busy(conn: asyncpg.Connection) -> int:
     """Other sessions of this database running a statement or inside a transaction."""
     busy: int = await conn.fetchval(
@@ -456,14 +628,22 @@ class Step:
     subject: str
     offered: float
     seconds: float  # step length asked for
+    kind: str = "step"  # "step" (ladder), "soak" or "overload"
     sent: int = 0
     send_rate: float = 0.0
-    processed: int = 0
+    processed: int = 0  # gateway: applied + stale + superseded + rejected
     applied: int = 0
+    stale: int = 0
+    superseded: int = 0
     rejected: int = 0
+    rejected_by: dict[str, int] = field(default_factory=dict)  # every reason seen
+    overflow: int = 0  # rejected_by["overflow"]: dropped because the buffer was full
+    unaccounted: int = 0  # sent - processed when the wait ended (gateway)
+    accounted_for: bool = False  # processed == sent when the wait ended
     drain_seconds: float | None = None  # after the last send until processed == sent
+    max_drain: float = 0.0  # how long it waited for that at most
     capacity: float = 0.0  # processed / (step start .. processed == sent or gave up)
-    max_backlog: int = 0  # sent - processed, sampled
+    max_backlog: int = 0  # sent - processed, sampled every 0.25 s
     max_depth: int | None = None  # the gateway's inbox depth, sampled
     lag_p50: float | None = None
     lag_p99: float | None = None
@@ -471,14 +651,22 @@ class Step:
     checked: int = 0  # devices verified in PostgreSQL
     mismatches: int = 0
     mismatch_examples: list[str] = field(default_factory=list)
-    cpu_ms_per_1k: float | None = None  # the subject
+    cpu_ms_per_1k: float | None = None  # the subject (the gateway: all its processes)
     broker_ms_per_1k: float | None = None
-    pg_ms_per_1k: float | None = None
-    loadgen_ms_per_1k: float | None = None
-    rss_start: float | None = None
+    pg_ms_per_1k: float | None = None  # backends connected to the bench database
+    pg_background_ms_per_1k: float | None = None  # server-wide, not in all_ms_per_1k
+    loadgen_ms_per_1k: float | None = None  # this process
+    all_ms_per_1k: float | None = None  # subject + broker + PG backends + load generator
+    # Per process: "gateway" or "supervisor", "worker 1", ...; None: it was not there
+    # from start to end (a restarted worker), its CPU is missing from the sums.
+    cpu_by_process: dict[str, float | None] = field(default_factory=dict)
+    rss_start: float | None = None  # the gateway's, all its processes together
     rss_end: float | None = None
     rss_max: float | None = None
     rss_by_minute: list[float] = field(default_factory=list)  # at each whole minute
+    rss_by_process: dict[str, list[float]] = field(default_factory=dict)  # [end, max]
+    worker_restarts: int = 0
+    probe: dict[str, Any] | None = None  # --overload: bench.rpc.ProbeResult
     kept_up: bool = False
     zero_loss: bool = False
     sustained: bool = False
@@ -493,18 +681,39 @@ class Bench:
         self.gen = LoadGen("127.0.0.1", 1, self.serials, connections=args.connections)
         self.db: asyncpg.Connection | None = None
         self.rng = random.Random(args.seed)
-        self.rss: list[tuple[float, float]] = []  # (perf_counter, MiB) of the gateway
+        # (perf_counter, MiB of all the gateway's processes, MiB of each)
+        self.rss: list[tuple[float, float, dict[str, float]]] = []
+        self.api_key: str | None = None
 
-    async def sample_rss(self, pid: int) -> None:
+    async def sample_rss(self, gw: GatewayProcess) -> None:
         while True:
-            rss = proc_rss_mb(pid)
-            if rss is None:
+            each = {name: proc_rss_mb(pid) for name, pid in gw.processes().items()}
+            known = {name: mb for name, mb in each.items() if mb is not None}
+            if not known:
                 return
-            self.rss.append((time.perf_counter(), rss))
+            self.rss.append((time.perf_counter(), sum(known.values()), known))
             await asyncio.sleep(self.args.rss_interval)
 
     def rss_between(self, t0: float, t1: float) -> list[float]:
-        return [mb for t, mb in self.rss if t0 <= t <= t1]
+        return [mb for t, mb, _ in self.rss if t0 <= t <= t1]
+
+    def rss_by_process(self, t0: float, t1: float) -> dict[str, list[float]]:
+        """{process: [MiB at the end, max MiB]} between t0 and t1."""
+        out: dict[str, list[float]] = {}
+        for t, _, each in self.rss:
+            if t0 <= t <= t1:
+                for name, mb in each.items():
+                    end_max = out.setdefault(name, [mb, mb])
+                    end_max[0], end_max[1] = mb, max(end_max[1], mb)
+        return out
+
+    async def key(self) -> str:
+        """An API key with the scope devices:read (made once)."""
+        if self.api_key is None:
+            out = await run_command("apikey", "create", "--scope", "devices:read", "--name",
+                                    "bench", database_url=self.args.database_url)
+            self.api_key = out.strip().splitlines()[-1]
+        return self.api_key
 
     async def verify(self, since_ms: int, sample: int) -> tuple[int, list[str]]:
         """Check a sample (0: all) of the devices sent a heartbeat at or after
@@ -548,20 +757,46 @@ class Bench:
         seconds: float,
         *,
         verify_sample: int,
+        max_drain: float,
+        kind: str = "step",
+        probe: bool = False,
     ) -> Step:
+        """Offer ``rate`` heartbeats/s for ``seconds``, wait (up to ``max_drain`` s after
+        the last send) until every one was handled, then measure and check. ``probe``:
+        also send a GET every PROBE_INTERVAL s from the start until that wait ended."""
         args, gen = self.args, self.gen
-        result = Step(subject.name, rate, seconds)
+        result = Step(subject.name, rate, seconds, kind=kind, max_drain=max_drain)
         assert broker.proc is not None and self.db is not None
+        is_gateway = isinstance(subject, GatewayProcess)
         if isinstance(subject, GatewayProcess):
             waited = await self.settle(subject)
             if waited > 1:
                 result.note += f"waited {waited:.0f} s for the previous backlog; "
                 log(f"{subject.name}: waited {waited:.1f} s for the previous backlog")
+            pids = subject.processes(refresh=True)
+        else:
+            pids = {subject.name: subject.pid}
+        probe_stop = asyncio.Event()
+        probe_task: asyncio.Task[ProbeResult] | None = None
+        if probe:
+            key = await self.key()
+            picks = [device_id(s) for s in self.rng.sample(self.serials,
+                                                           min(len(self.serials), 10_000))]
+            started = asyncio.Event()
+            probe_task = asyncio.create_task(run_probe(
+                "127.0.0.1", broker.port, key, picks, stop=probe_stop, started=started,
+                interval=PROBE_INTERVAL, timeout=TARGET_PROBE_TIMEOUT, seed=args.seed))
+            subscribed = asyncio.create_task(started.wait())
+            await asyncio.wait([probe_task, subscribed], return_when=asyncio.FIRST_COMPLETED)
+            subscribed.cancel()
+            if probe_task.done():
+                probe_task.result()  # raises what stopped it
         gen.port = broker.port
         c0 = await subject.counters()
         broker_pid = broker.proc.pid
         pg0 = {pid: proc_cpu(pid) or 0.0 for pid in await pg_backend_pids(self.db)}
-        subject0, broker0 = proc_cpu(subject.pid), proc_cpu(broker_pid)
+        bg0 = {pid: proc_cpu(pid) or 0.0 for pid in await pg_background_pids(self.db)}
+        subject0, broker0 = cpu_of(pids), proc_cpu(broker_pid)
         since_ms = time.time_ns() // 1_000_000
         t0 = time.perf_counter()
         sampling = True
@@ -569,7 +804,10 @@ class Bench:
         async def sampler() -> None:
             while sampling:
                 await asyncio.sleep(0.25)  # gen.sent_in_run is the last run's until it starts
-                c = await subject.counters()
+                try:
+                    c = await subject.counters()
+                except (OSError, TimeoutError):  # a slow /metrics: the next one will do
+                    continue
                 backlog = gen.sent_in_run - (c.processed - c0.processed)
                 result.max_backlog = max(result.max_backlog, backlog)
                 if c.depth is not None:
@@ -583,70 +821,103 @@ class Bench:
             result.send_rate = load.rate
             if load.acked != load.sent:
                 result.note += f"broker acked {load.acked:,} of {load.sent:,}; "
-            # Wait until everything sent was processed, or give up after max_drain.
+            # Wait until everything sent was handled (the gateway: applied, found stale,
+            # superseded by a newer heartbeat of its device, or rejected), or give up
+            # after max_drain, or (the gateway) when nothing moves for STALL_SECONDS with
+            # nothing buffered and nothing running in PostgreSQL: the rest never arrived.
             done_at = None
-            idle_since: float | None = None
+            progress, progress_at = -1, t_sent
             while True:
-                c = await subject.counters()
+                try:
+                    c = await subject.counters()
+                except (OSError, TimeoutError):
+                    subject.check_alive()
+                    continue
                 now = time.perf_counter()
                 if c.processed - c0.processed >= load.sent:
                     done_at = now
                     break
-                m, m0 = c.metrics, c0.metrics
-                if (m is not None and m0 is not None and m.inbox_depth == 0
-                        and m.received - m0.received >= load.sent
+                if c.processed != progress:
+                    progress, progress_at = c.processed, now
+                elif (is_gateway and now - progress_at > STALL_SECONDS and not c.depth
                         and await pg_busy(self.db) == 0):
-                    # Everything arrived and left the inbox, yet fewer were applied than
-                    # sent: with a backlog longer than a device's heartbeat period the
-                    # gateway folds a device's buffered heartbeats into the newest one
-                    # (nothing lost: the check below looks at the stored state). Done
-                    # when its last batch committed: no statement of it running in
-                    # PostgreSQL, twice in a row.
-                    if idle_since is None:
-                        idle_since = now
-                    elif now - idle_since >= 0.1:
-                        done_at = idle_since
-                        break
-                else:
-                    idle_since = None
+                    result.note += (f"nothing handled for {STALL_SECONDS:g} s with nothing "
+                                    "buffered: gave up waiting; ")
+                    break
                 subject.check_alive()
-                if time.perf_counter() - t_sent > args.max_drain:
+                if now - t_sent > max_drain:
                     break
                 await asyncio.sleep(0.05)
         finally:
             sampling = False
             await watcher
+            probe_stop.set()
+            if probe_task is not None:
+                result.probe = (await probe_task).as_dict()
         t1 = time.perf_counter()
         c1 = await subject.counters()
-        subject1, broker1 = proc_cpu(subject.pid), proc_cpu(broker_pid)
+        subject1, broker1 = cpu_of(pids), proc_cpu(broker_pid)
         # Backends that closed during the step are missed; new ones count from their start.
         pg_cpu = sum(
             (proc_cpu(pid) or 0.0) - pg0.get(pid, 0.0) for pid in await pg_backend_pids(self.db)
         )
+        bg_cpu = sum((proc_cpu(pid) or 0.0) - bg0.get(pid, 0.0)
+                     for pid in await pg_background_pids(self.db))
         result.processed = c1.processed - c0.processed
         result.applied = c1.applied - c0.applied
         result.rejected = c1.rejected - c0.rejected
+        m0, m1 = c0.metrics, c1.metrics
+        if m0 is not None and m1 is not None:
+            result.stale = int(m1.stale - m0.stale)
+            result.superseded = int(m1.superseded - m0.superseded)
+            result.rejected_by = {
+                reason: int(v - m0.rejected_by.get(reason, 0.0))
+                for reason, v in sorted(m1.rejected_by.items())
+                if v - m0.rejected_by.get(reason, 0.0)
+            }
+            result.overflow = int(m1.overflow - m0.overflow)
+            result.worker_restarts = int(m1.worker_restarts - m0.worker_restarts)
+            if result.worker_restarts:
+                result.note += f"{result.worker_restarts} worker restarts; "
+        result.unaccounted = result.sent - result.processed
+        result.accounted_for = result.processed == result.sent
         if done_at is not None:
             result.drain_seconds = max(0.0, done_at - t_sent)
         # Heartbeats taken care of per second from the step's start until the backlog was
-        # gone (or, if it never was, a lower bound from what was applied).
+        # gone (or, if it never was, a lower bound from what was handled).
         result.capacity = (result.sent if done_at is not None else result.processed) / (
             (done_at or t1) - t0
         )
         per_1k = 1000 / max(result.processed, 1)
-        if subject0 is not None and subject1 is not None:
-            result.cpu_ms_per_1k = (subject1 - subject0) * 1000 * per_1k
+        pids_after = subject.processes() if isinstance(subject, GatewayProcess) else pids
+        for name, cpu0 in subject0.items():
+            cpu1 = subject1.get(name)
+            same = pids_after.get(name) == pids[name]  # not a restarted worker
+            result.cpu_by_process[name] = (
+                (cpu1 - cpu0) * 1000 * per_1k
+                if cpu0 is not None and cpu1 is not None and same else None)
+        known = [v for v in result.cpu_by_process.values() if v is not None]
+        if known:
+            result.cpu_ms_per_1k = sum(known)
         if broker0 is not None and broker1 is not None:
             result.broker_ms_per_1k = (broker1 - broker0) * 1000 * per_1k
         if subject.writes:
             result.pg_ms_per_1k = pg_cpu * 1000 * per_1k
+            result.pg_background_ms_per_1k = bg_cpu * 1000 * per_1k
+        # The load generator is this process: with --overload its figure includes the
+        # request probe's (10 requests/s).
         result.loadgen_ms_per_1k = load.cpu_ms_per_1000
-        if c0.metrics is not None and c1.metrics is not None:
-            before, after = c0.metrics.lag_buckets, c1.metrics.lag_buckets
+        parts = [result.cpu_ms_per_1k, result.broker_ms_per_1k, result.loadgen_ms_per_1k]
+        if subject.writes:
+            parts.append(result.pg_ms_per_1k)
+        if all(v is not None for v in parts):
+            result.all_ms_per_1k = sum(v for v in parts if v is not None)
+        if m0 is not None and m1 is not None:
+            before, after = m0.lag_buckets, m1.lag_buckets
             result.lag_p50 = histogram_quantile(before, after, 0.50)
             result.lag_p99 = histogram_quantile(before, after, 0.99)
             result.lag_le_250ms = histogram_fraction_le(before, after, 0.25)
-        if isinstance(subject, GatewayProcess):
+        if is_gateway:
             rss = self.rss_between(t0, t1)
             if rss:
                 result.rss_start, result.rss_end, result.rss_max = rss[0], rss[-1], max(rss)
@@ -654,6 +925,7 @@ class Bench:
                     upto = self.rss_between(t0, t0 + 60 * minute)
                     if upto:
                         result.rss_by_minute.append(upto[-1])
+            result.rss_by_process = self.rss_by_process(t0, t1)
         result.kept_up = (
             result.drain_seconds is not None and result.drain_seconds <= args.grace
         )
@@ -661,11 +933,18 @@ class Bench:
             result.checked, examples = await self.verify(since_ms, verify_sample)
             result.mismatches = len(examples)
             result.mismatch_examples = examples[:5]
-        # Loss: a rejection, a stored state that is not the last one sent, or (for the
-        # ceiling, which stores nothing) a message never received.
-        result.zero_loss = result.rejected == 0 and result.mismatches == 0 and (
-            subject.writes or result.processed == result.sent
-        )
+        # Loss: a rejection, a stored state that is not the last one sent, or a heartbeat
+        # not accounted for (the gateway: applied + stale + superseded != sent; the
+        # references: a message never received).
+        if is_gateway:
+            result.zero_loss = (
+                result.rejected == 0 and result.mismatches == 0
+                and result.applied + result.stale + result.superseded == result.sent
+            )
+        else:
+            result.zero_loss = result.rejected == 0 and result.mismatches == 0 and (
+                subject.writes or result.processed == result.sent
+            )
         # Sustained: kept up, lost nothing, and every heartbeat applied on its own.
         result.sustained = (
             result.kept_up and result.zero_loss and result.applied == result.sent
@@ -676,14 +955,25 @@ class Bench:
 # ---- phases -----------------------------------------------------------------------------
 
 
+def max_drain(args: argparse.Namespace, kind: str) -> float:
+    """How long to wait for a backlog after the last send: --max-drain, or by default
+    MAX_DRAIN_STEP after a ladder step, MAX_DRAIN_SOAK after a soak, MAX_DRAIN_OVERLOAD
+    with --overload."""
+    if args.max_drain is not None:
+        return float(args.max_drain)
+    return {"step": MAX_DRAIN_STEP, "soak": MAX_DRAIN_SOAK}.get(kind, MAX_DRAIN_OVERLOAD)
+
+
 def step_line(s: Step) -> str:
     drain = f"{s.drain_seconds:.1f}s" if s.drain_seconds is not None else "no"
     lag = (f", lag p50 {fmt_ms(s.lag_p50)} p99 {fmt_ms(s.lag_p99)}"
            if s.lag_p99 is not None else "")
+    rejected = f", rejected {s.rejected_by}" if s.rejected else ""
     return (f"{s.subject}: {s.offered:,.0f}/s offered, {s.sent:,} sent at {s.send_rate:,.0f}/s,"
             f" {s.processed:,} processed, drained {drain}, backlog max {s.max_backlog:,}{lag},"
-            f" checked {s.checked:,} ({s.mismatches} mismatches)"
-            f" -> {'sustained' if s.sustained else 'NOT sustained'}")
+            f" checked {s.checked:,} ({s.mismatches} mismatches){rejected}"
+            f" -> {'sustained' if s.sustained else 'NOT sustained'}"
+            f"{'' if s.zero_loss else ', LOSS'}")
 
 
 async def run_command(*argv: str, database_url: str) -> str:
@@ -707,9 +997,16 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
     args = bench.args
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     async with contextlib.AsyncExitStack() as stack:
-        broker = await stack.enter_async_context(TunedMosquitto())
+        # The broker queues what the gateway has not taken yet (its intake pauses while its
+        # buffer is full) and drops, silently, past max_queued_messages: with --overload,
+        # room for everything the run sends, so that a drop is the gateway's doing.
+        queued = 1_000_000
+        if args.overload:
+            queued = max(queued, int(args.soak_rate * args.duration * 1.1))
+        broker = await stack.enter_async_context(TunedMosquitto(max_queued_messages=queued))
         gw = GatewayProcess(broker.port, args.database_url, bench.workdir,
-                            args.gateway_pg_setting, args.gateway_env)
+                            args.gateway_pg_setting, args.gateway_env,
+                            workers=args.gateway_workers)
         rss_task: asyncio.Task[None] | None = None
 
         async def stop_gateway() -> None:
@@ -724,10 +1021,13 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
 
         stack.push_async_callback(stop_gateway)
         await gw.start()
-        rss_task = asyncio.create_task(bench.sample_rss(gw.pid))
-        log(f"gateway pid {gw.pid} healthy (broker :{broker.port}, metrics "
-            f":{gw.metrics_port}); RSS {proc_rss_mb(gw.pid):.0f} MiB")
+        rss_task = asyncio.create_task(bench.sample_rss(gw))
+        processes = gw.processes()
+        log(f"gateway healthy (broker :{broker.port}, metrics :{gw.metrics_port}): "
+            + ", ".join(f"{name} pid {pid} RSS {proc_rss_mb(pid) or 0:.0f} MiB"
+                        for name, pid in processes.items()))
         results["gateway_pid"] = gw.pid
+        results["gateway_processes"] = processes
         m0 = await gw.metrics()
         t_start = time.perf_counter()
 
@@ -748,7 +1048,8 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
             for rate in rates:
                 for subject, subject_broker in list(standing):
                     s = await bench.step(subject, subject_broker, rate, args.step_seconds,
-                                         verify_sample=args.step_verify_sample)
+                                         verify_sample=args.step_verify_sample,
+                                         max_drain=max_drain(args, "step"))
                     ladders[subject.name].append(s)
                     log(step_line(s))
                     if not s.sustained:
@@ -774,10 +1075,24 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
         # A short ladder step can pass while the backlog creeps up; the soak is the
         # long-run check. If it fails, try the next lower rate the ladder sustained.
         soaks: list[Step] = []
-        while args.duration > 0 and len(soaks) < args.soak_attempts:
+        if args.overload and args.duration > 0:
+            # Beyond what the gateway can apply: not expected to keep up, only to lose
+            # nothing, stay bounded in memory and keep answering requests.
+            log(f"overload: {args.soak_rate:,.0f}/s for {args.duration:g} s, then up to "
+                f"{max_drain(args, 'overload'):g} s to drain, a GET every "
+                f"{PROBE_INTERVAL * 1000:.0f} ms throughout")
+            over = await bench.step(gw, broker, args.soak_rate, args.duration,
+                                    verify_sample=args.verify_sample,
+                                    max_drain=max_drain(args, "overload"), kind="overload",
+                                    probe=True)
+            over.subject = "gateway overload"
+            log(step_line(over))
+            results["overload"] = asdict(over)
+        while args.duration > 0 and not args.overload and len(soaks) < args.soak_attempts:
             log(f"soak: {soak_rate:,.0f}/s for {args.duration:g} s")
             soak = await bench.step(gw, broker, soak_rate, args.duration,
-                                    verify_sample=args.verify_sample)
+                                    verify_sample=args.verify_sample,
+                                    max_drain=max_drain(args, "soak"), kind="soak")
             soak.subject = "gateway soak"
             soaks.append(soak)
             log(step_line(soak))
@@ -797,6 +1112,9 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
             "received": m1.received - m0.received,
             "applied": m1.applied - m0.applied,
             "stale": m1.stale - m0.stale,
+            "superseded": m1.superseded - m0.superseded,
+            "worker_restarts": m1.worker_restarts - m0.worker_restarts,
+            "scrape_gaps": gw.scrape_gaps,
             "rejected": {k: v - m0.rejected_by.get(k, 0.0) for k, v in m1.rejected_by.items()
                          if v - m0.rejected_by.get(k, 0.0)},
             "minutes": (t_end - t_start) / 60,
@@ -809,15 +1127,17 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
 async def rpc_phase(bench: Bench, gw: GatewayProcess, broker: TunedMosquitto) -> dict[str, Any]:
     args = bench.args
     assert bench.db is not None
-    key = (await run_command("apikey", "create", "--scope", "devices:read", "--name", "bench",
-                             database_url=args.database_url)).strip().splitlines()[-1]
+    key = await bench.key()
     picks = [device_id(s) for s in bench.rng.sample(bench.serials,
                                                     min(len(bench.serials), 100_000))]
     pg0 = {pid: proc_cpu(pid) or 0.0 for pid in await pg_backend_pids(bench.db)}
-    cpu0 = proc_cpu(gw.pid)
+    pids = gw.processes(refresh=True)
+    cpu0 = cpu_of(pids)
     rpc = await run_rpc("127.0.0.1", broker.port, key, picks, in_flight=args.rpc_in_flight,
                         duration=args.rpc_seconds, warmup=args.rpc_warmup)
-    cpu1 = proc_cpu(gw.pid)
+    cpu1 = cpu_of(pids)
+    gw_cpu = [(cpu1[name] or 0.0) - before for name, before in cpu0.items()
+              if before is not None and cpu1[name] is not None]
     pg_cpu = sum((proc_cpu(pid) or 0.0) - pg0.get(pid, 0.0)
                  for pid in await pg_backend_pids(bench.db))
     log(rpc.summary())
@@ -825,8 +1145,7 @@ async def rpc_phase(bench: Bench, gw: GatewayProcess, broker: TunedMosquitto) ->
     # warm-up is short and runs at the same rate).
     answered = max(rpc.completed, 1) * (1 + args.rpc_warmup / max(rpc.seconds, 1e-9))
     return rpc.as_dict() | {
-        "gateway_cpu_ms_per_request":
-            (cpu1 - cpu0) * 1000 / answered if cpu0 is not None and cpu1 is not None else None,
+        "gateway_cpu_ms_per_request": sum(gw_cpu) * 1000 / answered if gw_cpu else None,
         "pg_cpu_ms_per_request": pg_cpu * 1000 / answered,
     }
 
@@ -945,6 +1264,95 @@ def gateway_sustained(results: dict[str, Any]) -> tuple[float | None, bool]:
     return rate, any(r > rate for r in failed)
 
 
+def cpu_rows(s: dict[str, Any]) -> list[list[str]]:
+    """CPU ms per 1,000 heartbeats of a step: the sums, then per gateway process."""
+    rows = [["CPU ms per 1,000 heartbeats",
+             f"all {fmt_num(s.get('all_ms_per_1k'))}: gateway {fmt_num(s['cpu_ms_per_1k'])}, "
+             f"mosquitto {fmt_num(s['broker_ms_per_1k'])}, PostgreSQL backends "
+             f"{fmt_num(s['pg_ms_per_1k'])}, load generator {fmt_num(s['loadgen_ms_per_1k'])}"]]
+    by = s.get("cpu_by_process") or {}
+    if len(by) > 1:
+        rows.append(["  gateway, per process",
+                     ", ".join(f"{name} {fmt_num(v)}" for name, v in by.items())])
+    rows.append(["  PostgreSQL server processes",
+                 f"{fmt_num(s.get('pg_background_ms_per_1k'))} (WAL writer, checkpointer, "
+                 "autovacuum...: server-wide, not in 'all')"])
+    return rows
+
+
+def handled_rows(s: dict[str, Any], totals: dict[str, Any]) -> list[list[str]]:
+    """The table of a soak or an overload run."""
+    reasons = s.get("rejected_by") or {}
+    others = ", ".join(f"{k} {v:,}" for k, v in reasons.items() if k != "overflow") or "none"
+    drained = (f"drained {s['drain_seconds']:.1f} s after the last send"
+               if s["drain_seconds"] is not None
+               else f"NOT drained within {s['max_drain']:g} s")
+    rss_procs = s.get("rss_by_process") or {}
+    rows = [
+        ["heartbeats sent / handled", f"{s['sent']:,} / {s['processed']:,} (sent at "
+         f"{s['send_rate']:,.0f}/s): applied {s['applied']:,}, stale {s['stale']:,}, "
+         f"superseded {s['superseded']:,}, rejected {s['rejected']:,}; not accounted for "
+         f"{s['unaccounted']:,}"],
+        ["rejected, by reason", f"overflow {s['overflow']:,}; other reasons: {others}"],
+        ["backlog", f"{drained}; max {s['max_backlog']:,} (sent - handled), inbox depth max "
+         f"{fmt_num(s['max_depth'])}; handled {s['capacity']:,.0f}/s from the start"],
+        ["zero loss in PostgreSQL", f"{s['checked']:,} devices checked, "
+         f"{s['mismatches']} not at the last heartbeat sent"],
+        ["receive-to-commit lag", f"p50 {fmt_ms(s['lag_p50'])}, p99 "
+         f"{fmt_ms(s['lag_p99'])}; {100 * (s['lag_le_250ms'] or 0):.2f}% <= 250 ms"],
+        ["gateway RSS during the run", f"{fmt_num(s['rss_start'])} MiB at start, "
+         f"{fmt_num(s['rss_end'])} MiB at end, max {fmt_num(s['rss_max'])} MiB"
+         + (f"; after each minute: {', '.join(f'{mb:.0f}' for mb in s['rss_by_minute'])}"
+            if len(s.get("rss_by_minute") or []) > 1 else "")
+         + ("; at end / max: " + ", ".join(f"{name} {end:.0f} / {top:.0f}"
+                                            for name, (end, top) in rss_procs.items())
+            if len(rss_procs) > 1 else "")],
+        ["gateway RSS, whole run", f"{fmt_num(totals.get('rss_start'))} -> "
+         f"{fmt_num(totals.get('rss_end'))} MiB over {totals.get('minutes', 0):.1f} min, "
+         f"max {fmt_num(totals.get('rss_max'))} MiB"],
+        *cpu_rows(s),
+    ]
+    probe = s.get("probe")
+    if probe:
+        statuses = ", ".join(f"{k}: {v:,}" for k, v in sorted(probe["statuses"].items()))
+        rows.append([
+            "request probe", f"GET /v1/devices/{{id}} every {probe['interval'] * 1000:.0f} ms "
+            f"for {probe['seconds']:.1f} s: {probe['sent']:,} sent, {probe['answered']:,} "
+            f"answered within {probe['timeout']:g} s (statuses {statuses or 'none'}), "
+            f"{probe['timeouts']} timeouts; latency p50 {probe['p50_ms']:.0f} ms, p99 "
+            f"{probe['p99_ms']:.0f} ms, max {probe['max_ms']:.0f} ms"])
+    if s.get("note"):
+        rows.append(["note", s["note"].rstrip("; ")])
+    return rows
+
+
+def losses(results: dict[str, Any]) -> list[str]:
+    """What each soak (and the overload run) lost, one line each; empty: nothing."""
+    out = []
+    runs = list(results.get("soaks") or [])
+    if results.get("overload"):
+        runs.append(results["overload"])
+    for s in runs:
+        if s["zero_loss"]:
+            continue
+        what = []
+        if s["rejected"]:
+            reasons = ", ".join(f"{k} {v:,}" for k, v in s["rejected_by"].items())
+            what.append(f"rejected {s['rejected']:,} ({reasons})")
+        if s["mismatches"]:
+            what.append(f"{s['mismatches']:,} of {s['checked']:,} devices checked not at the "
+                        "last heartbeat sent")
+        handled = s["applied"] + s["stale"] + s["superseded"]
+        if handled != s["sent"]:
+            what.append(f"applied + stale + superseded = {handled:,} of {s['sent']:,} sent"
+                        + ("" if s["accounted_for"] else
+                           f" ({s['unaccounted']:,} not accounted for after "
+                           f"{s['max_drain']:g} s)"))
+        name = "overload" if s.get("kind") == "overload" else f"{s['seconds']:g} s soak"
+        out.append(f"the {name} at {s['offered']:,.0f}/s: " + "; ".join(what))
+    return out
+
+
 def report(results: dict[str, Any]) -> str:
     env, args = results["environment"], results["args"]
     out: list[str] = [
@@ -963,12 +1371,20 @@ def report(results: dict[str, Any]) -> str:
     rows = []
     for name, steps in subjects(results):
         if name == "gateway":
-            steps = steps + (results.get("soaks") or [])
+            steps = steps + (results.get("soaks") or []) + (
+                [results["overload"]] if results.get("overload") else [])
         for s in steps:
-            verdict = "yes" if s["sustained"] else ("no (LOSS)" if not s["zero_loss"] else "no")
+            verdict = "yes" if s["sustained"] else "no"
+            if not s["zero_loss"]:
+                # A step still draining when the wait ended has not lost what it has not
+                # handled yet; a soak has (it fails the run).
+                verdict = ("no (not drained)" if s["kind"] == "step" and not s["rejected"]
+                           and not s["accounted_for"] else "no (LOSS)")
             label = s["subject"]
             if label == "gateway soak":
                 label = f"gateway, {s['seconds']:g} s soak"
+            elif label == "gateway overload":
+                label = f"gateway, {s['seconds']:g} s overload"
             rows.append([
                 label, fmt_num(s["offered"]), fmt_num(s["send_rate"]),
                 fmt_num(s["sent"]), fmt_num(s["applied"]),
@@ -1014,42 +1430,37 @@ def report(results: dict[str, Any]) -> str:
     soak = results.get("soak")
     totals = results.get("gateway_totals", {})
     if soak:
-        drained = (f"{soak['drain_seconds']:.1f} s after the last send"
-                   if soak["drain_seconds"] is not None else "NOT drained")
-        rows = [
-            ["heartbeats sent / applied", f"{soak['sent']:,} / {soak['applied']:,} "
-             f"(sent at {soak['send_rate']:,.0f}/s; rejected {soak['rejected']})"],
-            ["backlog", f"drained {drained}; inbox depth max {fmt_num(soak['max_depth'])}"],
-            ["zero loss in PostgreSQL", f"{soak['checked']:,} devices checked, "
-             f"{soak['mismatches']} not at the last heartbeat sent"],
-            ["receive-to-commit lag", f"p50 {fmt_ms(soak['lag_p50'])}, p99 "
-             f"{fmt_ms(soak['lag_p99'])}; {100 * (soak['lag_le_250ms'] or 0):.2f}% <= 250 ms"],
-            ["gateway RSS during the soak", f"{fmt_num(soak['rss_start'])} MiB at start, "
-             f"{fmt_num(soak['rss_end'])} MiB at end, max {fmt_num(soak['rss_max'])} MiB"
-             + (f"; after each minute: {', '.join(f'{mb:.0f}' for mb in soak['rss_by_minute'])}"
-                if len(soak.get("rss_by_minute") or []) > 1 else "")],
-            ["gateway RSS, whole run", f"{fmt_num(totals.get('rss_start'))} -> "
-             f"{fmt_num(totals.get('rss_end'))} MiB over {totals.get('minutes', 0):.1f} min, "
-             f"max {fmt_num(totals.get('rss_max'))} MiB"],
-            ["CPU ms per 1,000 heartbeats", f"gateway {fmt_num(soak['cpu_ms_per_1k'])}, "
-             f"mosquitto {fmt_num(soak['broker_ms_per_1k'])}, PostgreSQL backends "
-             f"{fmt_num(soak['pg_ms_per_1k'])}, load generator "
-             f"{fmt_num(soak['loadgen_ms_per_1k'])}"],
-        ]
         verdict = "sustained" if soak["sustained"] else "NOT sustained"
-        earlier = [f"{s['offered']:,.0f}/s NOT sustained" for s in results["soaks"][:-1]]
+        if not soak["zero_loss"]:
+            verdict += ", LOSS"
+        earlier = [f"{s['offered']:,.0f}/s NOT sustained"
+                   + ("" if s["zero_loss"] else " and LOST heartbeats")
+                   for s in results["soaks"][:-1]]
         out += ["", f"Soak: {soak['offered']:,.0f}/s offered for {soak['seconds']:g} s, "
                 f"{verdict}" + (f" (after {', '.join(earlier)})" if earlier else ""),
-                table(["", ""], rows)]
+                table(["", ""], handled_rows(soak, totals))]
         if soak["mismatch_examples"]:
             out.append("mismatches, e.g.: " + "; ".join(soak["mismatch_examples"][:3]))
+    over = results.get("overload")
+    if over:
+        verdict = "zero loss" if over["zero_loss"] else "LOSS"
+        out += ["", f"Overload: {over['offered']:,.0f}/s offered for {over['seconds']:g} s "
+                f"(beyond what the gateway applies; not expected to keep up), then waited up "
+                f"to {over['max_drain']:g} s for every heartbeat to be accounted for: "
+                f"{verdict}", table(["", ""], handled_rows(over, totals))]
+        if over["mismatch_examples"]:
+            out.append("mismatches, e.g.: " + "; ".join(over["mismatch_examples"][:3]))
     if totals:
         rejected = ", ".join(f"{k} {v:,.0f}" for k, v in totals["rejected"].items()) or "none"
         out.append(
             f"gateway totals: received {totals['received']:,.0f}, applied "
-            f"{totals['applied']:,.0f}, stale {totals['stale']:,.0f}, rejected {rejected}; "
-            f"exit code {results.get('gateway_exit_code')}"
+            f"{totals['applied']:,.0f}, stale {totals['stale']:,.0f}, superseded "
+            f"{totals.get('superseded', 0):,.0f}, rejected {rejected}; worker restarts "
+            f"{totals.get('worker_restarts', 0):,.0f}; exit code "
+            f"{results.get('gateway_exit_code')}"
         )
+    for line in results.get("losses") or []:
+        out.append(f"LOSS: {line}")
 
     rpc = results.get("rpc")
     if rpc:
@@ -1138,10 +1549,48 @@ def targets_table(results: dict[str, Any]) -> str:
             (totals["rss_max"] <= TARGET_RSS_MB) if long_enough else None)
     rpc = results.get("rpc")
     if rpc:
-        add(f"request/reply >= {TARGET_RPC_RATE:,.0f}/s", f"{rpc['rate']:,.0f}/s",
-            rpc["rate"] / TARGET_RPC_RATE, rpc["rate"] >= TARGET_RPC_RATE)
-        add(f"request/reply p99 <= {TARGET_RPC_P99_MS:.0f} ms", f"{rpc['p99_ms']:.1f} ms",
-            rpc["p99_ms"] / TARGET_RPC_P99_MS, rpc["p99_ms"] <= TARGET_RPC_P99_MS)
+        # The targets are for GET /v1/devices/{id} with auth at 64 in flight.
+        fits = rpc["in_flight"] == TARGET_RPC_IN_FLIGHT
+        how = f" ({rpc['in_flight']} in flight)" if not fits else ""
+        add(f"request/reply >= {TARGET_RPC_RATE:,.0f}/s (GET /v1/devices/{{id}}, auth, "
+            f"{TARGET_RPC_IN_FLIGHT} in flight)", f"{rpc['rate']:,.0f}/s{how}",
+            rpc["rate"] / TARGET_RPC_RATE, rpc["rate"] >= TARGET_RPC_RATE if fits else None)
+        add(f"request/reply p99 <= {TARGET_RPC_P99_MS:.0f} ms", f"{rpc['p99_ms']:.1f} ms{how}",
+            rpc["p99_ms"] / TARGET_RPC_P99_MS,
+            rpc["p99_ms"] <= TARGET_RPC_P99_MS if fits else None)
+    if soak:
+        at = f" at {soak['offered']:,.0f}/s soak"
+        sums = (f" (gateway {fmt_num(soak['cpu_ms_per_1k'])} + mosquitto "
+                 f"{fmt_num(soak['broker_ms_per_1k'])} + PG {fmt_num(soak['pg_ms_per_1k'])} + "
+                 f"loadgen {fmt_num(soak['loadgen_ms_per_1k'])})")
+        for label, key, target in (
+                ("all processes", "all_ms_per_1k", TARGET_CPU_ALL_MS),
+                ("the gateway" + (" (supervisor + workers)"
+                                  if len(soak.get("cpu_by_process") or {}) > 1 else ""),
+                 "cpu_ms_per_1k", TARGET_CPU_GATEWAY_MS),
+                ("PostgreSQL backends", "pg_ms_per_1k", TARGET_CPU_PG_MS)):
+            value = soak.get(key)
+            add(f"CPU per 1,000 heartbeats, {label} <= {target:.0f} ms",
+                f"{fmt_num(value)} ms{at}{sums if key == 'all_ms_per_1k' else ''}",
+                None if value is None else value / target,
+                None if value is None else value <= target)
+    over = results.get("overload")
+    if over:
+        at = f" at {over['offered']:,.0f}/s offered"
+        add("overload: overflow rejections = 0", f"{over['overflow']:,}{at}", None,
+            over["overflow"] == 0)
+        handled = over["applied"] + over["stale"] + over["superseded"]
+        add("overload: 0 wrong (rejected, unaccounted, not at the last heartbeat)",
+            f"{over['mismatches']:,} of {over['checked']:,} checked wrong; rejected "
+            f"{over['rejected']:,}; applied+stale+superseded {handled:,} of {over['sent']:,}",
+            None, over["zero_loss"])
+        probe = over.get("probe")
+        if probe:
+            add(f"overload: every probe answered within {TARGET_PROBE_TIMEOUT:g} s",
+                f"{probe['answered']:,} of {probe['sent']:,} ({probe['timeouts']} timeouts), "
+                f"p99 {probe['p99_ms']:.0f} ms, max {probe['max_ms']:.0f} ms",
+                probe["answered"] / probe["sent"] if probe["sent"] else None,
+                probe["sent"] > 0 and probe["answered"] == probe["sent"])
     return ("Targets (ratio: measured / target, so below 1 is better for the <= targets; "
             "?: not decided by this run)\n"
             + table(["target", "measured", "ratio", "met"], rows))
@@ -1165,14 +1614,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=3.0,
                    help="a rate is sustained when the backlog drains within this many "
                         "seconds after the last send")
-    p.add_argument("--max-drain", type=float, default=30.0,
-                   help="how long to wait for a backlog after a failed step")
+    p.add_argument("--max-drain", type=float,
+                   help="how long to wait, after the last send, until every heartbeat sent "
+                        f"is accounted for (default {MAX_DRAIN_STEP:g} s after a ladder "
+                        f"step, {MAX_DRAIN_SOAK:g} s after a soak, {MAX_DRAIN_OVERLOAD:g} s "
+                        "with --overload)")
+    p.add_argument("--overload", action="store_true",
+                   help="instead of the soak, offer --soak-rate (beyond what the gateway can "
+                        "apply) for --duration, then wait up to --max-drain until every "
+                        "heartbeat is accounted for; check zero loss, no overflow, bounded "
+                        "RSS, and a GET every 100 ms answered within 5 s throughout")
+    p.add_argument("--gateway-workers", type=int, default=1, metavar="N",
+                   help="run the gateway as `gateway run --workers N` (a supervisor and N "
+                        "worker processes; 1: a single process, no supervisor)")
     p.add_argument("--verify-sample", type=int, default=100_000,
                    help="devices checked in PostgreSQL after the soak (0: all)")
     p.add_argument("--step-verify-sample", type=int, default=2_000,
                    help="devices checked after each ladder step (0: all touched)")
     p.add_argument("--rpc-seconds", type=float, default=10.0, help="0: no request/reply")
-    p.add_argument("--rpc-in-flight", type=int, default=64)
+    p.add_argument("--rpc-in-flight", type=int, default=TARGET_RPC_IN_FLIGHT)
     p.add_argument("--rpc-warmup", type=float, default=1.0, help="seconds not measured")
     p.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the ceiling and baseline references on the ladder")
@@ -1194,6 +1654,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.devices < 1:
         _parser().error("--devices must be positive")
+    if args.gateway_workers < 1:
+        _parser().error("--gateway-workers must be at least 1")
+    if args.overload and (args.soak_rate is None or args.duration <= 0):
+        _parser().error("--overload needs --soak-rate and a --duration above 0")
     for setting in args.gateway_pg_setting:
         if not re.fullmatch(r"[a-z_.]+=[^&=\s]+", setting):
             _parser().error(f"--gateway-pg-setting {setting!r}: expected NAME=VALUE")
@@ -1201,12 +1665,13 @@ def main(argv: list[str] | None = None) -> int:
         if not re.fullmatch(r"GATEWAY_[A-Z_]+=\S*", variable):
             _parser().error(f"--gateway-env {variable!r}: expected GATEWAY_NAME=VALUE")
     results = run_loop(bench_main(args))
+    results["losses"] = losses(results)
     text = report(results)
     print(text, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results | {"report": text}, indent=1,
                                               default=str))
-    return 0
+    return 1 if results["losses"] else 0
 
 
 if __name__ == "__main__":

@@ -171,24 +171,36 @@ CREATE TABLE IF NOT EXISTS gateway_processes (
 ALTER TABLE device_health ADD COLUMN IF NOT EXISTS online_since timestamptz;
 ALTER TABLE device_health ADD COLUMN IF NOT EXISTS applied_at timestamptz;
 
--- The events outbox: written in the transaction of the change it describes. The relay
--- (one process at a time) gives each event its position, in `seq` order, publishes it,
--- and marks it published once the broker has acknowledged it. Events of one device are
--- written under that device's device_health row lock, so their `seq` order is their
--- commit order. Event ids (`evt_` and the position) sort in publishing order.
-CREATE TABLE IF NOT EXISTS events (
-    seq           bigserial   PRIMARY KEY,
-    type          text        NOT NULL,
-    device_id     text        NOT NULL,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    data          json        NOT NULL,  -- kept as written: {"object": {...}}
-    position      bigint      UNIQUE,
-    published_at  timestamptz
+-- Events (protocol §12). A change's transaction inserts its events into `event_outbox`,
+-- under the device's device_health row lock, so one device's `seq` order is its commit
+-- order. The relay (one process at a time) moves the oldest outbox rows into `events`,
+-- giving them positions (event ids) in `seq` order, publishes them, and then moves
+-- `event_relay.published` up to the last position the broker acknowledged. No row is ever
+-- updated: an event is inserted twice and deleted once, and only `events` is indexed for
+-- reading. Events past `published` are published again after a crash (same ids).
+CREATE TABLE IF NOT EXISTS event_outbox (
+    seq         bigserial   PRIMARY KEY,
+    type        text        NOT NULL,
+    device_id   text        NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    data        json        NOT NULL  -- kept as written: {"object": {...}}
 );
-CREATE SEQUENCE IF NOT EXISTS event_positions;
-CREATE INDEX IF NOT EXISTS events_unpublished_idx ON events (seq) WHERE published_at IS NULL;
+CREATE TABLE IF NOT EXISTS events (
+    position    bigint      PRIMARY KEY,
+    type        text        NOT NULL,
+    device_id   text        NOT NULL,
+    created_at  timestamptz NOT NULL,
+    data        json        NOT NULL
+);
 CREATE INDEX IF NOT EXISTS events_device_idx ON events (device_id, position);
 CREATE INDEX IF NOT EXISTS events_type_idx ON events (type, position);
-CREATE INDEX IF NOT EXISTS events_created_idx ON events (created_at);
+-- created_at grows with the position, so a block range index serves the retention prune.
+CREATE INDEX IF NOT EXISTS events_created_idx ON events USING brin (created_at);
+CREATE TABLE IF NOT EXISTS event_relay (
+    id          boolean PRIMARY KEY DEFAULT true CHECK (id),
+    assigned    bigint  NOT NULL DEFAULT 0,  -- the last position given
+    published   bigint  NOT NULL DEFAULT 0   -- every position up to this one is published
+);
+INSERT INTO event_relay DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- What the last run of a sweep found (the presence sweep: the fleet's connectivity counts).
 ALTER TABLE sweeps ADD COLUMN IF NOT EXISTS result jsonb;

@@ -32,7 +32,7 @@ from gateway.config import Config
 from gateway.health import Health
 from gateway.mqtt_client import Client, disconnect_reason, make_client
 from gateway.publisher import Publisher
-from gateway.reconnect import Peers, Reconnects
+from gateway.reconnect import Peers, Reconnects, stop_keeper
 
 log = structlog.get_logger("gateway.edge")
 
@@ -90,10 +90,7 @@ class Edge:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_keeper(self._task)
         self._health.broker = False
         self.connected.clear()
         # A DISCONNECT ends the session cleanly; against a hung broker aiomqtt gives up

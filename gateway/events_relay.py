@@ -6,11 +6,12 @@ PostgreSQL releases the lock the moment the holder's connection ends, so when a 
 process dies another takes over within about a second.
 
 The active relay listens on `CHANNEL` (every transaction that records events notifies it
-at commit) and looks anyway every `IDLE_SECONDS`, in case a notification was lost. It gives
-committed events their positions in `seq` order (per device, the commit order), publishes a
-batch at QoS 1 in position order, waits for every PUBACK, and only then marks the batch
-published. A crash or a lost broker connection in between publishes the batch again: at
-most `BATCH` events are published twice per failure.
+at commit) and looks anyway every `IDLE_SECONDS`, in case a notification was lost. It moves
+committed events from the outbox into ``events``, giving them positions in `seq` order
+(per device, the commit order), publishes the batch at QoS 1 in position order, waits for
+every PUBACK, and only then records the batch as published. A crash or a lost broker
+connection in between publishes the batch again, with the same ids: at most `BATCH` events
+are published twice per failure.
 """
 
 from __future__ import annotations
@@ -86,14 +87,14 @@ class Relay:
         while True:
             await self._broker_up.wait()
             wake.clear()
-            events = await self._outbox.assign(conn, BATCH)
+            events = await self._outbox.next_batch(conn, BATCH)
             if not events:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(IDLE_SECONDS):
                         await wake.wait()
                 continue
             if await self._publish(events):
-                await self._outbox.published(conn, [event.id for event in events])
+                await self._outbox.published(conn, events[-1].id)
             else:
                 await asyncio.sleep(RETRY_SECONDS)
 

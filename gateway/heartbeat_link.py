@@ -32,7 +32,7 @@ from gateway import metrics
 from gateway import mqtt_packets as packets
 from gateway.acks import NOTHING, AckWindow
 from gateway.config import MqttEndpoint
-from gateway.reconnect import Peers, Reconnects
+from gateway.reconnect import Peers, Reconnects, stop_keeper
 
 log = structlog.get_logger("gateway.heartbeat_link")
 
@@ -240,10 +240,7 @@ class HeartbeatLink:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_keeper(self._task)
         protocol, self._protocol = self._protocol, None
         self.connected.clear()
         if protocol is not None and protocol.transport is not None:

@@ -96,3 +96,11 @@ class Reconnects:
         self._delay = min(self._delay * 2, MAX_SECONDS)
         log.warning("mqtt.reconnecting", connection=self._connection, in_seconds=round(wait, 2))
         await self._peers.wait(wait)
+
+
+async def stop_keeper(task: asyncio.Task[None] | None) -> None:
+    """Cancel a connection's keep-connected task and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

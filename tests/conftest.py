@@ -345,6 +345,26 @@ async def device(prefix: str, serial: str) -> AsyncIterator[Device]:
                 await reader
 
 
+# Events in the database (schema.sql): all recorded, and those not acknowledged by the
+# broker yet (in the outbox, or given a position past event_relay.published).
+EVENTS_RECORDED_SQL = "SELECT (SELECT count(*) FROM event_outbox) + (SELECT count(*) FROM events)"
+EVENTS_UNPUBLISHED_SQL = ("SELECT (SELECT count(*) FROM event_outbox)"
+                          " + (SELECT assigned - published FROM event_relay)")
+
+
+async def event_published(db: asyncpg.Connection, device_id: str, event_type: str
+                          ) -> bool | None:
+    """Whether the broker acknowledged the device's event of that type (None: no such
+    event is recorded)."""
+    state: bool | None = await db.fetchval(
+        "SELECT CASE WHEN EXISTS (SELECT FROM events e, event_relay r WHERE e.device_id = $1"
+        "   AND e.type = $2 AND e.position <= r.published) THEN true"
+        " WHEN EXISTS (SELECT FROM event_outbox WHERE device_id = $1 AND type = $2)"
+        "   OR EXISTS (SELECT FROM events WHERE device_id = $1 AND type = $2) THEN false END",
+        device_id, event_type)
+    return state
+
+
 async def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.02) -> Any:
     """Poll an async or sync predicate until it returns something truthy."""
     deadline = asyncio.get_running_loop().time() + timeout

@@ -24,7 +24,15 @@ import asyncpg
 import msgspec
 import pytest
 from aiomqtt.exceptions import MqttConnectError
-from conftest import Caller, Device, create_key, free_port, running_gateway, wait_for
+from conftest import (
+    Caller,
+    Device,
+    create_key,
+    event_published,
+    free_port,
+    running_gateway,
+    wait_for,
+)
 from dynsec_broker import DynsecBroker, available, dynsec_broker
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -463,19 +471,14 @@ async def test_events_reach_backends_not_devices_and_wait_while_the_broker_refus
                                        {"end_user_id": "eu_events"})
             assert status == 200
             await asyncio.sleep(2)  # two relay attempts, both refused
-            held = await db.fetchval(
-                "SELECT published_at IS NULL FROM events WHERE device_id = $1 "
-                "AND type = 'device.bound'", device_id)
-            assert held is True
+            assert await event_published(db, device_id, "device.bound") is False
         finally:
             assert "error" not in await admin_command(
                 broker, {"command": "addRoleACL", **rule, "allow": True})
         event = await next_event(backend, device_id)
         assert event["type"] == "device.bound"
         assert event["data"]["object"]["end_user_id"] == "eu_events"
-    await wait_for(lambda: db.fetchval(
-        "SELECT published_at IS NOT NULL FROM events WHERE device_id = $1 "
-        "AND type = 'device.bound'", device_id))
+    await wait_for(lambda: event_published(db, device_id, "device.bound"))
 
 
 async def test_credentials_route_errors(

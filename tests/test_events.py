@@ -18,6 +18,7 @@ import asyncpg
 import msgspec
 import pytest
 from conftest import (
+    EVENTS_RECORDED_SQL,
     MQTT_HOST,
     MQTT_PORT,
     NODELAY,
@@ -328,7 +329,7 @@ async def test_a_refused_or_rolled_back_change_records_no_event(
     dev = await register(api, "SN-EV-R")
     path = f"/v1/devices/{dev['id']}"
     await call_ok(api, "POST", f"{path}/commands", {"type": "factory_reset"}, 201)
-    before = await db.fetchval("SELECT count(*) FROM events")
+    before = await db.fetchval(EVENTS_RECORDED_SQL)
     # Refused inside their transactions, after the change had begun.
     status, _ = await api.call("POST", f"{path}/commands", {"type": "factory_reset"})
     assert status == 409  # the second open reset fails on the unique index
@@ -338,7 +339,7 @@ async def test_a_refused_or_rolled_back_change_records_no_event(
     await call_ok(api, "POST", f"{path}/bind", {"end_user_id": "a"})
     status, _ = await api.call("POST", f"{path}/bind", {"end_user_id": "b"})
     assert status == 409
-    assert await db.fetchval("SELECT count(*) FROM events") == before + 1  # the first bind
+    assert await db.fetchval(EVENTS_RECORDED_SQL) == before + 1  # the first bind
 
     # An event recorded in a transaction that then rolls back is gone with it.
     async with Storage.open(database_url, min_size=1, max_size=1) as storage:
@@ -347,7 +348,7 @@ async def test_a_refused_or_rolled_back_change_records_no_event(
             async with storage.db.transaction() as conn:
                 await record(conn, [NewEvent("device.updated", device)])
                 raise RuntimeError("the change failed")
-    assert await db.fetchval("SELECT count(*) FROM events") == before + 1
+    assert await db.fetchval(EVENTS_RECORDED_SQL) == before + 1
 
 
 # ---- catching up ----------------------------------------------------------------------------
@@ -461,16 +462,21 @@ async def test_one_devices_events_come_in_commit_order_under_concurrent_writers(
 async def test_published_events_are_pruned_after_the_retention_and_unpublished_kept(
     database_url: str, db: asyncpg.Connection
 ) -> None:
-    for age, published_at in (("8 days", "now()"), ("8 days", "now()"), ("9 days", "NULL"),
-                              ("1 day", "now()")):
+    """Published events past the retention go; an older one not yet acknowledged (past
+    event_relay.published) stays, and so does an old one still in the outbox."""
+    for position, days in ((1, 8), (2, 8), (3, 1), (4, 9)):
         await db.execute(
-            "INSERT INTO events (type, device_id, data, created_at, published_at)"
-            f" VALUES ('device.updated', 'dev_x', '{{}}', now() - interval '{age}',"
-            f"         {published_at})")
+            "INSERT INTO events (position, type, device_id, data, created_at)"
+            " VALUES ($1, 'device.updated', 'dev_x', '{}', now() - $2::interval)",
+            position, dt.timedelta(days=days))
+    await db.execute("UPDATE event_relay SET assigned = 4, published = 3")
+    await db.execute("INSERT INTO event_outbox (type, device_id, data, created_at)"
+                     " VALUES ('device.updated', 'dev_x', '{}', now() - interval '9 days')")
     async with Storage.open(database_url, min_size=1, max_size=1) as storage:
         assert await storage.events.prune(dt.timedelta(days=7)) == 2
-    kept = await db.fetch("SELECT published_at IS NULL AS unpublished FROM events ORDER BY seq")
-    assert [row["unpublished"] for row in kept] == [True, False]
+    kept = await db.fetch("SELECT position FROM events ORDER BY position")
+    assert [row["position"] for row in kept] == [3, 4]
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 1
 
 
 async def test_published_events_are_counted_by_type(api: Caller, gateway: Gateway) -> None:

@@ -14,7 +14,7 @@ import uuid
 
 import asyncpg
 import pytest
-from conftest import MQTT_PORT, MQTT_URL, wait_for
+from conftest import EVENTS_UNPUBLISHED_SQL, MQTT_PORT, MQTT_URL, wait_for
 from processes import GatewayProcess, Mosquitto
 from test_events import tap
 
@@ -65,8 +65,7 @@ async def test_events_committed_before_a_sigkill_are_published_after_the_restart
                     await gateway.wait_exit()
                 finally:
                     os.kill(broker.proc.pid, signal.SIGCONT)
-                assert await db.fetchval(
-                    "SELECT count(*) FROM events WHERE published_at IS NULL") == 20
+                assert await db.fetchval(EVENTS_UNPUBLISHED_SQL) == 20
                 gateway.start()
                 await gateway.wait_healthy()
                 await wait_for(lambda: len({e["id"] for e in consumer.events}) == 21, 15)
@@ -91,12 +90,12 @@ async def test_events_committed_before_a_sigkill_are_published_after_the_restart
 
 
 async def _in_flight(db: asyncpg.Connection) -> bool:
-    return bool(await db.fetchval(
-        "SELECT count(*) > 0 FROM events WHERE position IS NOT NULL AND published_at IS NULL"))
+    """The relay has given ids to events the broker has not acknowledged."""
+    return bool(await db.fetchval("SELECT assigned > published FROM event_relay"))
 
 
 async def _all_published(db: asyncpg.Connection) -> bool:
-    return bool(await db.fetchval("SELECT bool_and(published_at IS NOT NULL) FROM events"))
+    return await db.fetchval(EVENTS_UNPUBLISHED_SQL) == 0
 
 
 async def test_three_processes_relay_once_and_a_killed_relay_is_replaced(

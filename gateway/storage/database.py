@@ -27,7 +27,8 @@ log = structlog.get_logger("gateway.storage")
 T = TypeVar("T")
 
 TABLES = ("devices", "device_settings", "device_settings_history", "commands", "api_keys",
-          "device_credentials", "sweeps", "gateway_processes", "device_health", "events")
+          "device_credentials", "sweeps", "gateway_processes", "device_health", "event_outbox",
+          "events", "event_relay")
 _MIGRATION_LOCK = 7261554
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
@@ -122,6 +123,12 @@ class Aggregate:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    async def _delete(self, statement: str, *args: object) -> int:
+        """Run a DELETE on a pooled connection; the number of rows it deleted."""
+        async with self._db.connection() as conn:
+            status: str = await conn.execute(statement, *args)
+        return int(status.split()[-1])
 
 
 class Database:

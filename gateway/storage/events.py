@@ -1,10 +1,11 @@
 """Events: the outbox written with each change, the relay's queries, the events API.
 
-`record` inserts events in the caller's transaction, so an event exists if and only if its
-change committed; the transaction's NOTIFY wakes the relay at commit. The relay (one
-process at a time, see ``gateway.events_relay``) takes unpublished events in `seq`
-order, gives them positions (their ids) in that order, publishes them and marks them
-published once the broker has acknowledged them.
+`record` inserts events into ``event_outbox`` in the caller's transaction, so an event
+exists if and only if its change committed; the transaction's NOTIFY wakes the relay at
+commit. The relay (one process at a time, see ``gateway.events_relay``) moves the oldest
+outbox rows into ``events``, giving them positions (their ids) in `seq` order, publishes
+them, and once the broker has acknowledged them moves ``event_relay.published`` past
+them. Rows are only inserted and deleted, never updated.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ async def record(conn: asyncpg.Connection, events: Sequence[NewEvent]) -> None:
     if not events:
         return
     await conn.execute(
-        "WITH recorded AS (INSERT INTO events (type, device_id, data)"
+        "WITH recorded AS (INSERT INTO event_outbox (type, device_id, data)"
         "   SELECT t, d, x::json FROM unnest($1::text[], $2::text[], $3::text[])"
         "     WITH ORDINALITY AS u(t, d, x, n) ORDER BY n RETURNING 1)"
         " SELECT pg_notify($4, '') WHERE EXISTS (SELECT FROM recorded)",
@@ -122,48 +123,58 @@ def _event(row: asyncpg.Record) -> StoredEvent:
                        data=msgspec.Raw(row["data"].encode()))
 
 
+# Move the oldest outbox rows into `events`, numbered after the last position given, in
+# `seq` order; returns them (in position order) and the last position now given.
+_MOVE_SQL = """
+WITH taken AS (
+    DELETE FROM event_outbox WHERE seq IN (
+        SELECT seq FROM event_outbox ORDER BY seq LIMIT $1 FOR UPDATE)
+    RETURNING seq, type, device_id, created_at, data
+), numbered AS (
+    SELECT r.assigned + row_number() OVER (ORDER BY t.seq) AS position, t.*
+    FROM taken t, event_relay r
+), moved AS (
+    INSERT INTO events (position, type, device_id, created_at, data)
+    SELECT position, type, device_id, created_at, data FROM numbered
+    RETURNING position, type, device_id, created_at, data
+), given AS (
+    UPDATE event_relay SET assigned = assigned + (SELECT count(*) FROM taken)
+    WHERE (SELECT count(*) FROM taken) > 0
+    RETURNING assigned
+)
+SELECT position, type, device_id, created_at, data FROM moved ORDER BY position
+"""
+
+
 class Outbox(Aggregate):
-    async def assign(self, conn: asyncpg.Connection, most: int) -> list[StoredEvent]:
-        """Give positions to the oldest events without one (in `seq` order) and return
-        every event given a position but not yet published, in position order. ``conn``
-        is the relay's own connection; only the relay assigns, so positions grow in the
-        order they are assigned, and a reader never finds a new one below one it saw."""
-        async with conn.transaction():
-            todo = await conn.fetch(
-                "SELECT seq FROM events WHERE published_at IS NULL AND position IS NULL"
-                " ORDER BY seq LIMIT $1 FOR UPDATE",
-                most,
-            )
-            if todo:
-                positions = sorted(await conn.fetchval(
-                    "SELECT array_agg(nextval('event_positions')) FROM generate_series(1, $1)",
-                    len(todo),
-                ))
-                await conn.execute(
-                    "UPDATE events e SET position = u.position"
-                    " FROM unnest($1::bigint[], $2::bigint[]) AS u(seq, position)"
-                    " WHERE e.seq = u.seq",
-                    [row["seq"] for row in todo], positions,
-                )
+    async def next_batch(self, conn: asyncpg.Connection, most: int) -> list[StoredEvent]:
+        """The next events to publish, in position order: those given a position but not
+        acknowledged yet (left by a relay that stopped), else the oldest outbox rows,
+        moved into ``events`` now. ``conn`` is the relay's own connection; only the
+        relay moves events, so positions grow in the order they are given."""
         rows = await conn.fetch(
             "SELECT position, type, device_id, created_at, data FROM events"
-            " WHERE published_at IS NULL AND position IS NOT NULL ORDER BY position LIMIT $1",
+            " WHERE position > (SELECT published FROM event_relay) ORDER BY position LIMIT $1",
             most,
         )
+        if not rows:
+            async with conn.transaction():
+                rows = await conn.fetch(_MOVE_SQL, most)
         return [_event(row) for row in rows]
 
-    async def published(self, conn: asyncpg.Connection, ids: Sequence[str]) -> None:
-        positions = [position_of(i) for i in ids]
+    async def published(self, conn: asyncpg.Connection, last: str) -> None:
+        """Every event up to the id ``last`` is acknowledged by the broker."""
         await conn.execute(
-            "UPDATE events SET published_at = now() WHERE position = ANY($1::bigint[])",
-            positions,
+            "UPDATE event_relay SET published = greatest(published, $1)", position_of(last)
         )
 
     async def backlog(self) -> int:
-        """Events not published yet."""
+        """Events not published yet: in the outbox, or given a position and not
+        acknowledged."""
         async with self._db.connection() as conn:
             count: int = await conn.fetchval(
-                "SELECT count(*) FROM events WHERE published_at IS NULL"
+                "SELECT (SELECT count(*) FROM event_outbox)"
+                " + (SELECT assigned - published FROM event_relay)"
             )
         return count
 
@@ -186,11 +197,8 @@ class Outbox(Aggregate):
 
     async def prune(self, older_than: dt.timedelta) -> int:
         """Drop published events older than ``older_than``."""
-        async with self._db.connection() as conn:
-            status = await conn.execute(
-                "DELETE FROM events"
-                " WHERE created_at < now() - $1::interval AND published_at IS NOT NULL",
-                older_than,
-            )
-        return int(status.split()[-1])
-
+        return await self._delete(
+            "DELETE FROM events WHERE created_at < now() - $1::interval"
+            " AND position <= (SELECT published FROM event_relay)",
+            older_than,
+        )

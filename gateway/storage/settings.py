@@ -81,10 +81,8 @@ class DeviceSettingsStore(Aggregate):
 
     async def prune_history(self) -> int:
         """Drop history versions beyond the newest `HISTORY_KEEP` of every device."""
-        async with self._db.connection() as conn:
-            status = await conn.execute(
-                "DELETE FROM device_settings_history h USING device_settings s"
-                " WHERE h.device_id = s.device_id AND h.version <= s.version - $1",
-                HISTORY_KEEP,
-            )
-        return int(status.split()[-1])
+        return await self._delete(
+            "DELETE FROM device_settings_history h USING device_settings s"
+            " WHERE h.device_id = s.device_id AND h.version <= s.version - $1",
+            HISTORY_KEEP,
+        )

@@ -101,18 +101,13 @@ class Relay:
     async def _publish(self, events: Sequence[StoredEvent]) -> bool:
         """Publish in order (each publish is handed to the client before the next); True
         once the broker acknowledged all of them, False if any failed."""
-        failed: list[Exception] = []
         try:
-            async with asyncio.TaskGroup() as tasks:
-                for event in events:
-                    tasks.create_task(self._publisher.publish_acknowledged(
-                        self._topic(f"events/v1/{event.type}"), _encode(event),
-                        PUBLISH_TIMEOUT_SECONDS,
-                    ))
-        except* aiomqtt.MqttError as group:
-            failed.extend(group.exceptions)
-        if failed:
-            log.warning("events.publish_failed", events=len(events), error=str(failed[0]))
+            await self._publisher.publish_acknowledged(
+                ((self._topic(f"events/v1/{event.type}"), _encode(event)) for event in events),
+                PUBLISH_TIMEOUT_SECONDS,
+            )
+        except aiomqtt.MqttError as exc:
+            log.warning("events.publish_failed", events=len(events), error=str(exc))
             return False
         for event in events:
             metrics.EVENTS_PUBLISHED.labels(event.type).inc()

@@ -111,23 +111,33 @@ class Client(aiomqtt.Client):
         info = self._client.publish(topic, payload, qos=1, properties=properties)
         return info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN)
 
-    async def publish_confirmed(self, topic: str, payload: bytes, timeout: float) -> None:  # noqa: ASYNC109 - the wait for this PUBACK
-        """Publish at QoS 1 and wait for the broker's PUBACK; ``aiomqtt.MqttError`` when
-        the message cannot be queued, the PUBACK refuses it (`PublishRefused`), or none
-        comes within ``timeout``. Messages are sent in the order of the calls."""
-        info = self._client.publish(topic, payload, qos=1)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-        # The PUBACK is read on this event loop, so it cannot come before this line.
-        confirmed = asyncio.get_running_loop().create_future()
-        self._confirmations[info.mid] = confirmed
+    async def publish_confirmed(
+        self, messages: Iterable[tuple[str, bytes]], timeout: float  # noqa: ASYNC109 - the wait for these PUBACKs
+    ) -> None:
+        """Publish (topic, payload) messages at QoS 1, in order, and wait for every PUBACK;
+        ``aiomqtt.MqttError`` when one cannot be queued, a PUBACK refuses one
+        (`PublishRefused`), or not all came within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        waiting: dict[int, asyncio.Future[None]] = {}
         try:
+            for topic, payload in messages:
+                info = self._client.publish(topic, payload, qos=1)
+                if info.rc != paho.MQTT_ERR_SUCCESS:
+                    raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                # PUBACKs are read on this event loop, so none can come before this line.
+                waiting[info.mid] = self._confirmations[info.mid] = loop.create_future()
             async with asyncio.timeout(timeout):
-                await confirmed
+                for confirmed in waiting.values():
+                    await confirmed
         except TimeoutError as exc:
             raise aiomqtt.MqttError(f"no PUBACK within {timeout} s") from exc
         finally:
-            self._confirmations.pop(info.mid, None)
+            for mid, confirmed in waiting.items():
+                self._confirmations.pop(mid, None)
+                if confirmed.done() and not confirmed.cancelled():
+                    confirmed.exception()  # retrieved: the first failure is raised above
+                else:
+                    confirmed.cancel()
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any = None) -> None:

@@ -13,6 +13,8 @@ error instead; anything else over it is refused and counted as a publish failure
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -59,11 +61,13 @@ class Publisher:
         metrics.PUBLISH_FAILURES.inc()
         return False
 
-    async def publish_acknowledged(self, topic: str, payload: bytes, timeout: float) -> None:  # noqa: ASYNC109 - the wait for this PUBACK
-        """Publish at QoS 1 and return once the broker accepted it; ``aiomqtt.MqttError``
-        when it cannot be sent, the broker refuses it, or no PUBACK came within
-        ``timeout``. Messages published one after another are sent in that order."""
-        await self._client.publish_confirmed(topic, payload, timeout)
+    async def publish_acknowledged(
+        self, messages: Iterable[tuple[str, bytes]], timeout: float  # noqa: ASYNC109 - the wait for these PUBACKs
+    ) -> None:
+        """Publish (topic, payload) messages at QoS 1, in order, and return once the broker
+        accepted all of them; ``aiomqtt.MqttError`` when one cannot be sent, the broker
+        refuses one, or not every PUBACK came within ``timeout``."""
+        await self._client.publish_confirmed(messages, timeout)
 
     def unacknowledged(self) -> int:
         """Messages published and not yet acknowledged by the broker."""

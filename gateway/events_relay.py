@@ -32,7 +32,7 @@ from gateway.storage.events import CHANNEL, RELAY_LOCK, Outbox, StoredEvent
 
 log = structlog.get_logger("gateway.events")
 
-BATCH = 500
+BATCH = 1000
 IDLE_SECONDS = 1.0
 STANDBY_SECONDS = 1.0
 RETRY_SECONDS = 1.0

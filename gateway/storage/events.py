@@ -163,10 +163,18 @@ class Outbox(Aggregate):
         return [_event(row) for row in rows]
 
     async def published(self, conn: asyncpg.Connection, last: str) -> None:
-        """Every event up to the id ``last`` is acknowledged by the broker."""
-        await conn.execute(
-            "UPDATE event_relay SET published = greatest(published, $1)", position_of(last)
-        )
+        """Every event up to the id ``last`` is acknowledged by the broker.
+
+        Committed without waiting for the disk: should a database crash lose this, the
+        events after the cursor are published again, with the same ids. (The move into
+        ``events`` that gives the ids waits for the disk: an id must never be given
+        twice.)"""
+        async with conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            await conn.execute(
+                "UPDATE event_relay SET published = greatest(published, $1)",
+                position_of(last),
+            )
 
     async def backlog(self) -> int:
         """Events not published yet: in the outbox, or given a position and not

@@ -53,8 +53,9 @@ UNAVAILABLE = (
 
 def iso(value: dt.datetime) -> str:
     """ISO 8601 UTC with a Z, to the millisecond: every timestamp the gateway shows."""
-    value = value.astimezone(dt.UTC)
-    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+    if value.tzinfo is not dt.UTC:  # asyncpg gives timestamptz values in UTC already
+        value = value.astimezone(dt.UTC)
+    return value.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 def iso_or_none(value: dt.datetime | None) -> str | None:

@@ -300,8 +300,13 @@ async def test_events_follow_catches_up_then_yields_live_events_once(
 ) -> None:
     async with client(topic_prefix, api_key) as gw:
         first = await gw.devices.register("SN-EVT-1")
-        page = await gw.events.list(type="device.registered", device_id=first.id)
-        assert [event.device_id for event in page.data] == [first.id]
+
+        async def listed() -> list[str]:
+            # Listed once the relay has given it its id, just after the commit.
+            page = await gw.events.list(type="device.registered", device_id=first.id)
+            return [event.device_id for event in page.data]
+
+        assert await wait_for(listed, 10) == [first.id]
         registered: list[str] = []
         ids: list[str] = []
 

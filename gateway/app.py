@@ -209,14 +209,15 @@ class Gateway:
     async def _sweep_presence(self) -> None:
         every = self.config.presence_sweep_seconds
         while True:
-            if await self._claim("presence", every):
+            left = 1 if await self._claim("presence", every) else 0
+            while left:  # a long sweep (a fleet gone silent) reports as it goes
                 started = time.monotonic()
-                fleet, marked = await self.storage.presence.sweep()
+                fleet, marked, left = await self.storage.presence.sweep()
                 metrics.DEVICES_OFFLINE.inc(marked)
                 if marked:
-                    log.info("presence.marked_offline", devices=marked, online=fleet.online,
-                             offline=fleet.offline, unknown=fleet.unknown,
-                             seconds=round(time.monotonic() - started, 3))
+                    log.info("presence.marked_offline", devices=marked, left=left,
+                             online=fleet.online, offline=fleet.offline,
+                             unknown=fleet.unknown, seconds=round(time.monotonic() - started, 3))
             await asyncio.sleep(every)
 
     async def _report_fleet(self) -> None:

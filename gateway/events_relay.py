@@ -61,7 +61,11 @@ class Relay:
         """Relay until cancelled (a background loop)."""
         while True:
             try:
-                conn = await asyncpg.connect(self._dsn, timeout=10)
+                # Plans made for this call's values, and no JIT: the relay's statements
+                # touch at most BATCH rows, and a plan or JIT compilation made for the
+                # outbox's worst case took seconds per batch.
+                conn = await asyncpg.connect(self._dsn, timeout=10, server_settings={
+                    "jit": "off", "plan_cache_mode": "force_custom_plan"})
             except (*UNAVAILABLE, asyncpg.PostgresError):
                 await asyncio.sleep(RETRY_SECONDS)
                 continue

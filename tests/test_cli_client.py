@@ -234,8 +234,12 @@ async def test_import_stopped_by_ctrl_c_finishes_when_run_again(
 
 async def test_events_commands_list_and_follow(cli: Cli, api: Caller) -> None:
     _, device = await api.call("POST", "/v1/devices", {"serial_number": "SN-CLI-EVT"})
-    listing = await cli.json("events", "list", "--device-id", device["id"])
-    assert [e["type"] for e in listing["data"]] == ["device.registered"]
+
+    async def listed() -> list[str]:  # listed once the relay gave it its id
+        listing = await cli.json("events", "list", "--device-id", device["id"])
+        return [e["type"] for e in listing["data"]]
+
+    assert await wait_for(listed, 15) == ["device.registered"]
     follower = await cli.start("events", "follow", "--type", "device.bound", "--json")
     try:
         await api.call("POST", f"/v1/devices/{device['id']}/bind", {"end_user_id": "eu_1"})

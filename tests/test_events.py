@@ -33,7 +33,9 @@ from sync_support import handled, metric, now_ms, register, settled, sim_device
 from gateway import auth
 from gateway.app import Gateway
 from gateway.config import Config
+from gateway.routes import new_id
 from gateway.storage import Storage
+from gateway.storage.devices import NewDevice
 from gateway.storage.events import NewEvent, record
 
 EVENT_ID = re.compile(r"^evt_[0-9]{20}$")
@@ -307,6 +309,31 @@ async def test_presence_goes_online_offline_and_back_with_events_filter_and_gaug
         "device.registered", "device.online", "device.offline", "device.online"]
     assert events[2]["data"]["object"]["connectivity"] == "offline"
     assert events[3]["data"]["object"]["connectivity"] == "online"
+
+
+async def test_a_large_silence_is_swept_in_parts_each_saying_what_is_left(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    """Devices gone silent together are marked offline at most ``most`` per call, each call
+    reporting how many are left, until none is: every one gets its device.offline."""
+    ids = [new_id("dev_") for _ in range(6)]
+    async with Storage.open(database_url, min_size=1, max_size=1, offline_after=60) as storage:
+        await storage.devices.register_batch(
+            [NewDevice(i, f"SN-EV-SILENT-{n}") for n, i in enumerate(ids)])
+        await db.execute(
+            "UPDATE device_health SET last_heartbeat_at = now() - interval '1 hour',"
+            " online_since = now() - interval '1 hour' WHERE device_id = ANY($1::text[])", ids)
+        fleet, marked, left = await storage.presence.sweep(chunk=2, most=4)
+        assert (fleet.offline, marked, left) == (6, 4, 2)
+        _, marked, left = await storage.presence.sweep(chunk=2, most=4)
+        assert (marked, left) == (2, 0)
+        _, marked, left = await storage.presence.sweep(chunk=2, most=4)
+        assert (marked, left) == (0, 0)
+    offline = await db.fetchval(
+        "SELECT count(*) FROM (SELECT device_id FROM event_outbox WHERE type = 'device.offline'"
+        " UNION ALL SELECT device_id FROM events WHERE type = 'device.offline') e"
+        " WHERE device_id = ANY($1::text[])", ids)
+    assert offline == 6
 
 
 async def _connectivity(api: Caller, connectivity: str) -> list[str]:

@@ -127,12 +127,13 @@ def _event(row: asyncpg.Record) -> StoredEvent:
 # `seq` order; returns them (in position order) and the last position now given.
 _MOVE_SQL = """
 WITH taken AS (
-    DELETE FROM event_outbox WHERE seq IN (
-        SELECT seq FROM event_outbox ORDER BY seq LIMIT $1 FOR UPDATE)
+    DELETE FROM event_outbox WHERE seq = ANY(ARRAY(
+        SELECT seq FROM event_outbox ORDER BY seq LIMIT $1 FOR UPDATE))
     RETURNING seq, type, device_id, created_at, data
 ), numbered AS (
-    SELECT r.assigned + row_number() OVER (ORDER BY t.seq) AS position, t.*
-    FROM taken t, event_relay r
+    SELECT (SELECT assigned FROM event_relay) + row_number() OVER (ORDER BY seq) AS position,
+           taken.*
+    FROM taken
 ), moved AS (
     INSERT INTO events (position, type, device_id, created_at, data)
     SELECT position, type, device_id, created_at, data FROM numbered

@@ -60,9 +60,10 @@ SELECT COALESCE(array_agg(device_id ORDER BY device_id), '{{}}') FROM gone
 
 
 class Presence(Aggregate):
-    async def sweep(self, chunk: int = 5000) -> tuple[Fleet, int]:
-        """Count the fleet, store the counts for every process's gauge, and mark the
-        silent devices offline (``chunk`` per transaction): (counts, devices marked)."""
+    async def sweep(self, chunk: int = 5000, most: int = 50_000) -> tuple[Fleet, int, int]:
+        """Count the fleet, store the counts for every process's gauge, and mark up to
+        ``most`` silent devices offline (``chunk`` per transaction): (counts, devices
+        marked, silent devices left to mark, about)."""
         async with self._db.connection() as conn:
             row = await conn.fetchrow(_COUNT_SQL)
             fleet = Fleet(online=row["total"] - row["offline"] - row["unknown"],
@@ -70,12 +71,12 @@ class Presence(Aggregate):
             await conn.execute("UPDATE sweeps SET result = $2 WHERE name = $1", SWEEP,
                                msgspec.json.encode(fleet).decode())
         marked = 0
-        while row["going"] > marked:
+        while row["going"] > marked and marked < most:
             done = await self._mark_offline(chunk)
             marked += done
             if done < chunk:
-                break
-        return fleet, marked
+                return fleet, marked, 0
+        return fleet, marked, max(row["going"] - marked, 0)
 
     async def _mark_offline(self, most: int) -> int:
         async with self._db.transaction() as conn:

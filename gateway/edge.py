@@ -212,9 +212,10 @@ class Edge:
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=not persistent,
             properties=connect_properties,
-            # No limit of the client's own: paho then sends each QoS 1 message at once and
-            # skips its per-PUBACK walk over every message in flight (O(n) per ack, a
-            # tenth of the CPU while events are being relayed).
+            # No limit of the client's own until the broker's CONNACK gives its Receive
+            # Maximum (mqtt_client): paho then sends each QoS 1 message at once and skips
+            # its per-PUBACK walk over every message in flight (a tenth of the CPU while
+            # events are being relayed).
             max_inflight_messages=0,
             max_queued_outgoing_messages=100_000,
             keepalive=self._config.mqtt_keepalive_seconds,

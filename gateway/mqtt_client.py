@@ -28,6 +28,11 @@ written for exactly the versions in `WRITTEN_FOR` (pinned in ``pyproject.toml``)
 - **The broker's packet limit** (`Client.max_packet_size`, `Client.publish_size`): the
   MQTT 5 CONNACK may carry the broker's Maximum Packet Size; a PUBLISH over it makes the
   broker close the connection, so publishers check a message's size against it first.
+- **The broker's Receive Maximum** (`Client._on_connect`): paho ignores it and sends as
+  many QoS 1 messages as its own limit allows; a broker that enforces it (EMQX) closes
+  the connection of a client that sends more. Each CONNACK's value becomes paho's limit;
+  without one (or at 65,535) there is none, since paho walks every message in flight on
+  each PUBACK while a limit is set.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from paho.mqtt.properties import Properties
 from gateway.acks import NOTHING, AckWindow
 
 WRITTEN_FOR = {"aiomqtt": "2.5.1", "paho-mqtt": "2.2.0"}
+RECEIVE_MAXIMUM_DEFAULT = 65535  # MQTT 5: what a CONNACK without one means
 
 # Reading more per event saved no more CPU and let the heartbeat writer's database round
 # trips wait behind long runs (p99 lag over 2 s at 10,000/s with 256).
@@ -145,6 +151,10 @@ class Client(aiomqtt.Client):
         # max_packet_size, or another broker behind the same address, applies from here.
         limit = getattr(properties, "MaximumPacketSize", None)
         self.max_packet_size = limit if isinstance(limit, int) and limit > 0 else None
+        window = getattr(properties, "ReceiveMaximum", None)
+        self._client._max_inflight_messages = (
+            window if isinstance(window, int) and 0 < window < RECEIVE_MAXIMUM_DEFAULT else 0
+        )
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def publish_size(

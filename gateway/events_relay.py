@@ -55,7 +55,6 @@ class Relay:
         self._publisher = publisher
         self._broker_up = broker_up
         self._topic = topic
-        self.active = False  # True while this process holds the relay lock
 
     async def run(self) -> None:
         """Relay until cancelled (a background loop)."""
@@ -74,7 +73,6 @@ class Relay:
             except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
                 log.warning("events.relay_connection_lost", error=str(exc))
             finally:
-                self.active = False
                 with contextlib.suppress(*UNAVAILABLE, asyncpg.PostgresError):
                     await conn.close()
                 if not conn.is_closed():
@@ -84,7 +82,6 @@ class Relay:
     async def _hold(self, conn: asyncpg.Connection) -> None:
         while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):  # noqa: ASYNC110 - PostgreSQL does not announce a released lock
             await asyncio.sleep(STANDBY_SECONDS)
-        self.active = True
         log.info("events.relay_active")
         wake = asyncio.Event()
         await conn.add_listener(CHANNEL, lambda *_: wake.set())

@@ -8,7 +8,8 @@ before the first connection: the client keeps what it cannot send yet.
 A message over the broker's maximum packet size (from the connection's CONNACK) is never
 handed to the client: the broker would close the connection for it, and paho would send it
 again after every reconnect. Request/reply checks its answers first (`fits`) and answers an
-error instead; anything else over it is refused and counted as a publish failure.
+error instead (`oversize`); anything else over it is refused and counted as a publish
+failure.
 """
 
 from __future__ import annotations
@@ -36,26 +37,29 @@ class Publisher:
         """The broker's maximum packet size on the current connection (None: no limit)."""
         return self._client.max_packet_size
 
-    def fits(self, topic: str, payload: bytes,
-             properties: Properties | None = None) -> tuple[bool, int]:
-        """Whether the broker takes this message as a QoS 1 PUBLISH, and the packet's size
-        in bytes."""
-        size = self._client.publish_size(topic, payload, properties)
+    def oversize(self, topic: str, payload: bytes,
+                 properties: Properties | None = None) -> int | None:
+        """The size in bytes of this message's QoS 1 PUBLISH when it is larger than the
+        broker accepts; None when it fits (always, when the broker states no limit)."""
         limit = self._client.max_packet_size
-        return limit is None or size <= limit, size
+        if limit is None:
+            return None
+        size = self._client.publish_size(topic, payload, properties)
+        return size if size > limit else None
 
-    def publish(self, topic: str, payload: bytes, properties: Properties | None = None) -> bool:
+    def publish(self, topic: str, payload: bytes, properties: Properties | None = None, *,
+                size_checked: bool = False) -> bool:
         """Queue a QoS 1 message; False (and counted) when it could not be queued or is
-        larger than the broker accepts."""
-        if self._client.max_packet_size is not None:
-            fits, size = self.fits(topic, payload, properties)
-            if not fits:
-                metrics.PUBLISH_FAILURES.inc()
-                allowed, suppressed = self._too_large_log.allow()
-                if allowed:
-                    log.warning("publish.too_large", topic=topic[:200], size=size,
-                                limit=self._client.max_packet_size, suppressed=suppressed)
-                return False
+        larger than the broker accepts. ``size_checked``: the caller has asked
+        `oversize` already."""
+        size = None if size_checked else self.oversize(topic, payload, properties)
+        if size is not None:
+            metrics.PUBLISH_FAILURES.inc()
+            allowed, suppressed = self._too_large_log.allow()
+            if allowed:
+                log.warning("publish.too_large", topic=topic[:200], size=size,
+                            limit=self._client.max_packet_size, suppressed=suppressed)
+            return False
         if self._client.publish_nowait(topic, payload, properties):
             return True
         metrics.PUBLISH_FAILURES.inc()

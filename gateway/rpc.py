@@ -190,8 +190,8 @@ class Requests:
         elapsed = time.perf_counter() - started
         payload = wire.encode_response(wire.Response(status, body, correlation))
         properties = correlation_properties(incoming.correlation_data)
-        fits, size = self._publisher.fits(reply_to, payload, properties)
-        if not fits:
+        size = self._publisher.oversize(reply_to, payload, properties)
+        if size is not None:
             # Publishing it would make the broker close the connection, and the request,
             # redelivered, would do so again: the caller gets a small error instead.
             limit = self._publisher.max_packet_size
@@ -201,7 +201,7 @@ class Requests:
             status = too_large.status
             payload = wire.encode_response(
                 wire.Response(status, _error_body(too_large, document), correlation))
-            if not self._publisher.fits(reply_to, payload, properties)[0]:
+            if self._publisher.oversize(reply_to, payload, properties) is not None:
                 # Only when the reply topic and Correlation Data alone nearly fill it.
                 self._dropped("reply_too_large", "even an error answer exceeds the broker's "
                               "maximum packet size", size=size, limit=limit)
@@ -210,7 +210,7 @@ class Requests:
             log.warning("request.answered", route=route, status=status)
         metrics.REQUESTS.labels(route, str(status)).inc()
         metrics.REQUEST_DURATION.labels(route).observe(elapsed)
-        self._publisher.publish(reply_to, payload, properties)
+        self._publisher.publish(reply_to, payload, properties, size_checked=True)
 
     async def _dispatch(self, request: wire.Request) -> tuple[int, msgspec.Struct]:
         principal = await auth.authenticate(self._keys, request.headers)

@@ -22,7 +22,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 import aiomqtt
@@ -330,19 +330,26 @@ class Device:
 
 
 @contextlib.asynccontextmanager
+async def reading(read: Coroutine[Any, Any, None]) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a message reader (``read``) for the duration of the block, then stop it."""
+    reader = asyncio.create_task(read)
+    try:
+        yield reader
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await reader
+
+
+@contextlib.asynccontextmanager
 async def device(prefix: str, serial: str) -> AsyncIterator[Device]:
     async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, protocol=aiomqtt.ProtocolVersion.V5,
                               socket_options=NODELAY) as client:
         await client.subscribe(f"{prefix}/devices/{serial}/commands", qos=1)
         await client.subscribe(f"{prefix}/devices/{serial}/settings", qos=1)
         d = Device(client, prefix, serial)
-        reader = asyncio.create_task(d._read())
-        try:
+        async with reading(d._read()):
             yield d
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
 
 
 # Events in the database (schema.sql): all recorded, and those not acknowledged by the

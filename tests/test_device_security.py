@@ -30,6 +30,7 @@ from conftest import (
     create_key,
     event_published,
     free_port,
+    reading,
     running_gateway,
     wait_for,
 )
@@ -95,13 +96,8 @@ async def backend_caller(broker: DynsecBroker, key: str) -> AsyncIterator[Caller
         [granted] = await client.subscribe(reply_topic, qos=1)
         assert not refused_code(granted)
         caller = Caller(client, PREFIX, reply_topic, key, True)
-        reader = asyncio.create_task(caller._read())
-        try:
+        async with reading(caller._read()):
             yield caller
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
 
 
 @pytest.fixture

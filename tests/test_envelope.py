@@ -14,7 +14,7 @@ from typing import Any
 import aiomqtt
 import asyncpg
 import msgspec
-from conftest import MQTT_HOST, MQTT_PORT, Caller, caller, wait_for
+from conftest import MQTT_HOST, MQTT_PORT, Caller, caller, reading, wait_for
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import REGISTRY
@@ -68,13 +68,8 @@ async def sniffing(*filters: str) -> AsyncIterator[Sniffer]:
                 payload = message.payload if isinstance(message.payload, bytes) else b""
                 sniffer.seen.append((message.topic.value, payload))
 
-        reader = asyncio.create_task(read())
-        try:
+        async with reading(read()):
             yield sniffer
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
 
 
 # ---- both MQTT versions --------------------------------------------------------------

@@ -25,6 +25,7 @@ from conftest import (
     Caller,
     caller,
     create_key,
+    reading,
     running_gateway,
     wait_for,
 )
@@ -70,13 +71,8 @@ async def tap(prefix: str, host: str = MQTT_HOST, port: int = MQTT_PORT
                               protocol=aiomqtt.ProtocolVersion.V5) as client:
         await client.subscribe(f"{prefix}/events/v1/#", qos=1)
         consumer = Tap(client)
-        reader = asyncio.create_task(consumer._read())
-        try:
+        async with reading(consumer._read()):
             yield consumer
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
 
 
 async def listed(api: Caller, **query: str) -> dict[str, Any]:

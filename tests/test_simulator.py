@@ -29,6 +29,7 @@ from conftest import (
     NODELAY,
     Caller,
     free_port,
+    reading,
     running_gateway,
     wait_for,
 )
@@ -96,13 +97,8 @@ async def heartbeats(prefix: str) -> AsyncIterator[Heartbeats]:
                               socket_options=NODELAY) as client:
         await client.subscribe(f"{prefix}/devices/+/heartbeat", qos=1)
         seen = Heartbeats(client)
-        reader = asyncio.create_task(seen._read())
-        try:
+        async with reading(seen._read()):
             yield seen
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await reader
 
 
 async def heard_from(db: asyncpg.Connection, serials: list[str]) -> bool:

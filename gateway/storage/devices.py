@@ -133,15 +133,17 @@ class Devices(Aggregate):
                 [new.metadata for new in items], defaults(),
             )
             by_serial = {row["serial_number"]: row for row in rows}
-            created = {new.id for new in items} & {row["id"] for row in rows}
-            await record_events(conn, [("device.registered", new.id) for new in items
-                                       if new.id in created])
+            # The rows are the devices as stored: their events need no second read.
+            objects = {row["id"]: device(row) for row in rows}
+            await events.record(conn, [events.NewEvent("device.registered", objects[new.id])
+                                       for new in items if new.id in objects])
             missing = [serial for serial in firsts if serial not in by_serial]
             if missing:
                 # Registered by a transaction that committed after this statement's
                 # snapshot was taken (it waited for that one's insert): read them now.
                 rows = await conn.fetch(SELECT + " WHERE d.serial_number = ANY($1)", missing)
                 by_serial.update((row["serial_number"], row) for row in rows)
+                objects.update((row["id"], device(row)) for row in rows)
         outcomes: list[Registered | Conflict] = []
         for new in batch:
             row = by_serial[new.serial]
@@ -149,7 +151,7 @@ class Devices(Aggregate):
                 outcomes.append(Conflict(f"Serial number {new.serial} belongs to a deleted "
                                          "device"))
             else:  # created by this batch when it has the id proposed by this very item
-                outcomes.append((device(row), row["id"] == new.id))
+                outcomes.append((objects[row["id"]], row["id"] == new.id))
         return outcomes
 
     async def upsert(
@@ -182,11 +184,10 @@ class Devices(Aggregate):
                 await _insert_settings(conn, row["id"])
             else:
                 await events.lock_devices(conn, [row["id"]])
-            await record_events(
-                conn, [("device.registered" if row["created"] else "device.updated", row["id"])]
+            current = await _changed(
+                conn, row["id"], "device.registered" if row["created"] else "device.updated"
             )
-            current = await conn.fetchrow(SELECT + " WHERE d.id = $1", row["id"])
-        return device(current), row["created"]
+        return current, row["created"]
 
     async def get(self, device_id: str) -> Device:
         async with self._db.connection() as conn:
@@ -318,9 +319,8 @@ class Devices(Aggregate):
                 "   AND status IN ('pending', 'delivered') DO NOTHING RETURNING id",
                 command_id, device_id, ttl,
             )
-            if unbound:
-                await record_events(conn, [("device.unbound", device_id)])
-            await record_events(conn, [("device.reset", device_id)])
+            await record_events(conn, [*([("device.unbound", device_id)] if unbound else []),
+                                       ("device.reset", device_id)])
             if queued is not None:
                 await record_command_events(conn, [("command.created", queued)])
             return device(await conn.fetchrow(SELECT + " WHERE d.id = $1", device_id))

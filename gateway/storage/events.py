@@ -123,8 +123,8 @@ def _event(row: asyncpg.Record) -> StoredEvent:
                        data=msgspec.Raw(row["data"].encode()))
 
 
-# Move the oldest outbox rows into `events`, numbered after the last position given, in
-# `seq` order; returns them (in position order) and the last position now given.
+# Move up to $1 of the oldest outbox rows into `events`, numbered after the last position
+# given, in `seq` order, and count them as given; returns them in position order.
 _MOVE_SQL = """
 WITH taken AS (
     DELETE FROM event_outbox WHERE seq = ANY(ARRAY(
@@ -139,9 +139,8 @@ WITH taken AS (
     SELECT position, type, device_id, created_at, data FROM numbered
     RETURNING position, type, device_id, created_at, data
 ), given AS (
-    UPDATE event_relay SET assigned = assigned + (SELECT count(*) FROM taken)
-    WHERE (SELECT count(*) FROM taken) > 0
-    RETURNING assigned
+    UPDATE event_relay SET assigned = assigned + n
+    FROM (SELECT count(*) AS n FROM taken) t WHERE n > 0
 )
 SELECT position, type, device_id, created_at, data FROM moved ORDER BY position
 """

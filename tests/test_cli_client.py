@@ -208,7 +208,7 @@ async def test_import_stopped_by_ctrl_c_finishes_when_run_again(
 ) -> None:
     """Ctrl-C ends the import with 130 and a line saying to run it again; the second run
     registers the rest and reads what the first did as already registered."""
-    total = 6000
+    total = 30_000  # long enough that Ctrl-C comes before the end on a busy machine
     devices = tmp_path / "devices.csv"
     devices.write_text("serial_number\n" + "".join(f"SN-INT-{i}\n" for i in range(total)))
     process = await cli.start("devices", "import", str(devices), "--batch-size", "50",
@@ -248,4 +248,11 @@ async def test_events_commands_list_and_follow(cli: Cli, api: Caller) -> None:
         assert json.loads(line)["device_id"] == device["id"]
     finally:
         follower.send_signal(signal.SIGINT)
-        await follower.wait()
+        # Its pipes drained meanwhile: a follower blocked writing to a full pipe would
+        # never get to exit.
+        try:
+            await asyncio.wait_for(follower.communicate(), 20)
+        except TimeoutError:
+            follower.kill()
+            await follower.wait()
+            raise AssertionError("gateway events follow did not exit on SIGINT") from None

@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import contextlib
 import os
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -48,6 +49,12 @@ logs.configure("console", "warning")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background (`./dev test &` in a script) inherits SIGINT
+    # ignored, and so would every process the tests start: the tests that press Ctrl-C on
+    # the CLI, the demo or the simulator need it delivered. A handler here (rather than
+    # SIG_IGN) gives those processes the default disposition again.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers", "fault: starts a broker, database or gateway process of its own, or breaks "
         "one (stop, kill, hang, drop); leave out with -m 'not fault'")

@@ -1133,9 +1133,11 @@ async def rpc_phase(bench: Bench, gw: GatewayProcess, broker: TunedMosquitto) ->
     pg0 = {pid: proc_cpu(pid) or 0.0 for pid in await pg_backend_pids(bench.db)}
     pids = gw.processes(refresh=True)
     cpu0 = cpu_of(pids)
+    broker0 = proc_cpu(broker.proc.pid) or 0.0
     rpc = await run_rpc("127.0.0.1", broker.port, key, picks, in_flight=args.rpc_in_flight,
                         duration=args.rpc_seconds, warmup=args.rpc_warmup)
     cpu1 = cpu_of(pids)
+    broker_cpu = (proc_cpu(broker.proc.pid) or 0.0) - broker0
     gw_cpu = [(cpu1[name] or 0.0) - before for name, before in cpu0.items()
               if before is not None and cpu1[name] is not None]
     pg_cpu = sum((proc_cpu(pid) or 0.0) - pg0.get(pid, 0.0)
@@ -1147,6 +1149,7 @@ async def rpc_phase(bench: Bench, gw: GatewayProcess, broker: TunedMosquitto) ->
     return rpc.as_dict() | {
         "gateway_cpu_ms_per_request": sum(gw_cpu) * 1000 / answered if gw_cpu else None,
         "pg_cpu_ms_per_request": pg_cpu * 1000 / answered,
+        "broker_cpu_ms_per_request": broker_cpu * 1000 / answered,
     }
 
 
@@ -1471,7 +1474,8 @@ def report(results: dict[str, Any]) -> str:
             f"{rpc['p50_ms']:.1f} ms, p99 {rpc['p99_ms']:.1f} ms, max {rpc['max_ms']:.1f} ms "
             f"(statuses {statuses}; {rpc['timeouts']} timeouts); CPU per request: gateway "
             f"{fmt_num(rpc['gateway_cpu_ms_per_request'], 2)} ms, PostgreSQL backends "
-            f"{fmt_num(rpc['pg_cpu_ms_per_request'], 2)} ms, client "
+            f"{fmt_num(rpc['pg_cpu_ms_per_request'], 2)} ms, mosquitto "
+            f"{fmt_num(rpc.get('broker_cpu_ms_per_request'), 2)} ms, client "
             f"{rpc['cpu_seconds'] * 1000 / max(rpc['completed'], 1):.2f} ms"
         )]
 

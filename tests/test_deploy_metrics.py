@@ -52,10 +52,17 @@ async def loaded_gateway(database_url: str, topic_prefix: str) -> AsyncIterator[
 async def test_every_metric_the_dashboard_and_alerts_use_is_exported(
     loaded_gateway: GatewayProcess,
 ) -> None:
-    """A metric renamed in the gateway, or misspelt in deploy/, fails here."""
-    exported = exported_names(await scrape(loaded_gateway.metrics_port))
+    """A metric renamed in the gateway, or misspelt in deploy/, fails here. The fleet's
+    gauge appears once a process has read the first presence sweep's counts (every
+    5 s), so the scrape is repeated for a while."""
     used = rule_metric_names().union(*map(metric_names, dashboard_expressions()))
-    missing = sorted(used - exported)
+    deadline = time.monotonic() + 15
+    while True:
+        exported = exported_names(await scrape(loaded_gateway.metrics_port))
+        missing = sorted(used - exported)
+        if not missing or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
     assert not missing, f"used by deploy/ but not in the gateway's /metrics: {missing}"
 
 

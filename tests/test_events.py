@@ -96,6 +96,16 @@ async def types_of(api: Caller, device_id: str) -> list[str]:
     return [e["type"] for e in await all_events(api, device_id=device_id)]
 
 
+async def types_when(api: Caller, device_id: str, count: int) -> list[str]:
+    """The types listed for the device once at least ``count`` are: the relay moves an
+    event into the log a moment after its transaction commits."""
+    async def enough() -> list[str] | None:
+        types = await types_of(api, device_id)
+        return types if len(types) >= count else None
+
+    return await wait_for(enough, 10)  # type: ignore[no-any-return]
+
+
 async def call_ok(api: Caller, method: str, path: str, body: Any = None,
                   status: int = 200) -> dict[str, Any]:
     got, reply = await api.call(method, path, body)
@@ -143,7 +153,7 @@ async def test_each_registry_change_records_its_event_with_the_object_after_it(
             "device.unbound", "device.reset", "command.created", "device.deleted",
             "device.restored",
         ]
-        assert await types_of(api, dev["id"]) == expected
+        assert await types_when(api, dev["id"], len(expected)) == expected
         live = await published(consumer, dev["id"], len(expected))
 
     events = await all_events(api, device_id=dev["id"])
@@ -181,7 +191,8 @@ async def test_vendor_upsert_and_batch_registration_record_registrations(
     upsert = {"identifier": "SN-EV-T", "type": "bota_pin_v1", "properties": {"a": 1}}
     created = await call_ok(api, "POST", "/api/ext-v1/device", upsert)
     await call_ok(api, "POST", "/api/ext-v1/device", {**upsert, "properties": {"b": 2}})
-    assert await types_of(api, created["deviceId"]) == ["device.registered", "device.updated"]
+    assert await types_when(api, created["deviceId"], 2) == [
+        "device.registered", "device.updated"]
 
     existing = await register(api, "SN-EV-B0")
     status, body = await api.call("POST", "/v1/devices/batch", {"devices": [
@@ -191,6 +202,8 @@ async def test_vendor_upsert_and_batch_registration_record_registrations(
     assert status == 200, body
     made = [item["device"]["id"] for item in body["data"] if item["status"] == 201]
     assert len(made) == 2
+    for device_id in made:
+        await types_when(api, device_id, 1)
     registrations = await all_events(api, type="device.registered")
     assert [e["device_id"] for e in registrations][-3:] == [existing["id"], *made]
     assert await types_of(api, existing["id"]) == ["device.registered"]
@@ -226,7 +239,7 @@ async def test_device_actions_record_online_settings_applied_and_command_events(
         await beat(sim, settings_version=1)  # still behind: not applied
         await beat(sim, settings_version=2)  # applied
         await beat(sim, settings_version=2)  # already applied: nothing new
-        types = await types_of(api, dev["id"])
+        types = await types_when(api, dev["id"], 14)
         assert [e["type"] for e in await published(consumer, dev["id"], len(types))] == types
     assert types == [
         "device.registered", "command.created", "command.created", "command.created",

@@ -574,7 +574,9 @@ async def test_shutdown_ends_while_the_broker_hangs(config: Config) -> None:
             gateway = Gateway(cfg, storage)
             stop = asyncio.Event()
             run = asyncio.create_task(gateway.run(stop))
-            await wait_for(gateway.edge.connected.is_set, 10)
+            # Both connections up: the heartbeat link connects after the edge.
+            await wait_for(lambda: gateway.edge.connected.is_set()
+                           and gateway.link.connected.is_set(), 10)
             broker.proc.send_signal(signal.SIGSTOP)
             # 64 MiB: more than the socket buffers between the two can take.
             for _ in range(64):

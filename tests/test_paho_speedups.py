@@ -7,6 +7,7 @@ pair, so what it handled, the bytes it wrote and its ``send()`` calls can be che
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -128,3 +129,67 @@ def test_one_readable_event_reads_a_run_of_packets(wired: Any) -> None:
     assert received == [b"%d" % n for n in range(50)]
     assert client.loop_read() == paho.MQTT_ERR_SUCCESS  # nothing left: returns at once
     assert len(received) == 50
+
+
+def test_a_socketful_of_packets_costs_one_recv(wired: Any) -> None:
+    """paho alone calls ``recv()`` three or four times per packet (header byte, each
+    remaining-length byte, the rest); the edge's reads serve them from one call."""
+    client, theirs, _ = wired
+    client._sock.setblocking(False)
+    recvs: list[int] = []
+    sock = client._sock
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(sock, name)
+
+        def recv(self, size: int) -> bytes:
+            recvs.append(size)
+            return sock.recv(size)
+
+    client._sock = Counting()
+    received: list[bytes] = []
+    client.on_message = lambda _client, _userdata, message: received.append(message.payload)
+    theirs.sendall(b"".join(publish_v5(b"devices/a/heartbeat", b"%d" % n) for n in range(20)))
+    assert client.loop_read() == paho.MQTT_ERR_SUCCESS
+    assert received == [b"%d" % n for n in range(20)]
+    # One recv() brought all 20; the second found the socket empty (would block).
+    assert len(recvs) == 2
+
+
+async def test_packets_left_in_the_buffer_after_a_run_are_read_without_a_socket_event(
+    wired: Any,
+) -> None:
+    """The socket announced 50 packets once; a run reads 32 and the other 18 are already
+    in the buffer, where no readable event would ever announce them: the next run is
+    scheduled on the event loop."""
+    client, theirs, _ = wired
+    client._sock.setblocking(False)
+    received: list[bytes] = []
+    client.on_message = lambda _client, _userdata, message: received.append(message.payload)
+    theirs.sendall(b"".join(publish_v5(b"devices/a/heartbeat", b"%d" % n) for n in range(50)))
+    assert client.loop_read() == paho.MQTT_ERR_SUCCESS
+    assert len(received) == 32
+    await asyncio.sleep(0)
+    assert received == [b"%d" % n for n in range(50)]
+
+
+def test_a_new_socket_never_sees_bytes_buffered_from_the_last_one(wired: Any) -> None:
+    """After a reconnect, what was left unread from the old connection is dropped."""
+    client, theirs, _ = wired
+    client._sock.setblocking(False)
+    received: list[bytes] = []
+    client.on_message = lambda _client, _userdata, message: received.append(message.payload)
+    theirs.sendall(b"".join(publish_v5(b"t", b"old%d" % n) for n in range(40)))
+    client.loop_read()
+    assert len(received) == 32  # 8 left in the buffer
+    fresh, other = socket.socketpair()
+    try:
+        fresh.setblocking(False)
+        client._sock = fresh
+        other.sendall(publish_v5(b"t", b"new"))
+        client.loop_read()
+        assert received[32:] == [b"new"]
+    finally:
+        fresh.close()
+        other.close()

@@ -14,13 +14,18 @@ from gateway_codecs.settings import Settings, defaults
 
 from gateway.errors import Conflict, NotFound
 from gateway.storage import events
+from gateway.storage.coalesce import Coalesced
 from gateway.storage.commands import expire_overdue
 from gateway.storage.commands import record_events as record_command_events
-from gateway.storage.database import Aggregate, found, iso, iso_or_none
+from gateway.storage.database import Aggregate, Database, found, iso, iso_or_none
 
 _settings = msgspec.json.Decoder(Settings)
 _recording_state = msgspec.json.Decoder(RecordingState)
 _object = msgspec.json.Decoder(dict[str, Any])
+
+# Devices read by id in one statement at most, and such statements at once (`Coalesced`).
+READ_BATCH = 64
+READ_CONCURRENCY = 4
 
 # Presence (protocol §11), from the last applied heartbeat of device_health `h`. The
 # threshold is the connection's `gateway.offline_after` setting (`create_pool`).
@@ -96,6 +101,13 @@ class NewDevice(NamedTuple):
 
 
 class Devices(Aggregate):
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        # GET /v1/devices/{id} is the registry's hot path: reads asked for at the same
+        # time share one statement.
+        self._by_id: Coalesced[str, asyncpg.Record] = Coalesced(
+            self._read, most=READ_BATCH, concurrency=READ_CONCURRENCY)
+
     async def register(
         self,
         device_id: str,
@@ -190,10 +202,14 @@ class Devices(Aggregate):
         return current, row["created"]
 
     async def get(self, device_id: str) -> Device:
+        """The device, unless deleted (NotFound)."""
+        return device(found(await self._by_id.get(device_id)))
+
+    async def _read(self, device_ids: list[str]) -> dict[str, asyncpg.Record]:
         async with self._db.connection() as conn:
-            row = await conn.fetchrow(SELECT + " WHERE d.id = $1 AND d.deleted_at IS NULL",
-                                      device_id)
-        return device(found(row))
+            rows = await conn.fetch(
+                SELECT + " WHERE d.id = ANY($1::text[]) AND d.deleted_at IS NULL", device_ids)
+        return {row["id"]: row for row in rows}
 
     async def page(
         self,

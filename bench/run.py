@@ -8,7 +8,11 @@ From the repository root (``bench`` is not an installed package). What it does, 
 
 1. ``gateway db migrate`` into ``--database-url`` (default ``gw_bench``, created if
    missing) and seeds the devices that are missing (``bench.seed``; 1M take ~50 s once,
-   later runs only count them).
+   later runs only count them). Then sets the fleet's presence (``--fleet``): by default
+   every device has reported a moment ago (the steady state of devices that report every
+   minute) and the gateway runs with an offline threshold of an hour, since the ladder
+   visits each device less than once a minute; ``--fleet unknown`` starts from a fleet
+   that never reported, whose every first heartbeat records ``device.online``.
 2. Starts a tuned Mosquitto (``bench.mosquitto``) and the gateway as a subprocess
    (``python -m gateway.cli run ... --log-level warning``; with ``--gateway-workers N``
    above 1, ``--workers N``: a supervisor and N workers sharing the group ``gateway``,
@@ -85,7 +89,14 @@ from bench._common import run as run_loop
 from bench.loadgen import LoadGen, make_serials
 from bench.mosquitto import TunedMosquitto, free_port
 from bench.rpc import ProbeResult, run_probe, run_rpc
-from bench.seed import device_id, seed_devices, verify_zero_loss
+from bench.seed import (
+    ONLINE_FOR_SECONDS,
+    PRESENCE_STATES,
+    device_id,
+    seed_devices,
+    set_presence,
+    verify_zero_loss,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/gw_bench"
@@ -198,6 +209,7 @@ class Metrics:
     rejected: float = 0.0
     rejected_by: dict[str, float] = field(default_factory=dict)
     inbox_depth: float = 0.0
+    unacknowledged: float = 0.0  # received and not yet acknowledged to the broker
     lag_buckets: tuple[tuple[float, float], ...] = ()  # (le, cumulative count), +Inf last
     lag_sum: float = 0.0
     lag_count: float = 0.0
@@ -222,6 +234,7 @@ _PLAIN = {
     "gateway_heartbeats_stale_total": "stale",
     "gateway_heartbeats_superseded_total": "superseded",
     "gateway_inbox_depth": "inbox_depth",
+    "gateway_heartbeats_unacknowledged": "unacknowledged",
     f"{LAG_METRIC}_sum": "lag_sum",
     f"{LAG_METRIC}_count": "lag_count",
     "gateway_worker_restarts_total": "worker_restarts",
@@ -286,6 +299,7 @@ def combine(parts: Sequence[Metrics]) -> Metrics:
         rejected=sum(rejected_by.values()),
         rejected_by=rejected_by,
         inbox_depth=sum(p.inbox_depth for p in parts),
+        unacknowledged=sum(p.unacknowledged for p in parts),
         lag_buckets=tuple(sorted(buckets.items())),
         lag_sum=sum(p.lag_sum for p in parts),
         lag_count=sum(p.lag_count for p in parts),
@@ -379,9 +393,10 @@ class GatewayProcess:
 
     def __init__(self, mqtt_port: int, database_url: str, workdir: Path,
                  pg_settings: Sequence[str] = (), env: Sequence[str] = (),
-                 workers: int = 1) -> None:
+                 workers: int = 1, offline_after: float | None = None) -> None:
         self.mqtt_port = mqtt_port
         self.workers = workers
+        self.offline_after = offline_after  # the gateway's presence threshold, if not its own
         self._pids: dict[str, int] = {}
         self._last: dict[str, Metrics] = {}  # per worker label, the last scraped
         self.scrape_gaps = 0  # scrapes that lacked a worker (its last series stood in)
@@ -413,6 +428,8 @@ class GatewayProcess:
                 "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
                 "--log-level", "warning",
                 *(("--workers", str(self.workers)) if self.workers > 1 else ()),
+                *(("--offline-after-seconds", f"{self.offline_after:g}")
+                  if self.offline_after is not None else ()),
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
@@ -749,6 +766,20 @@ class Bench:
                 await asyncio.sleep(0.1)
         return time.perf_counter() - t0
 
+    async def idle(self, gw: GatewayProcess) -> bool:
+        """True when the gateway holds nothing, twice 0.1 s apart: nothing buffered and
+        nothing received unacknowledged. Counting alone is not enough after a reconnect
+        of the heartbeat connection: the broker then delivers again what was not
+        acknowledged, and those copies (found stale) count as handled heartbeats while
+        the last ones sent may still be on their way."""
+        for check in range(2):
+            m = await gw.metrics()
+            if m.inbox_depth or m.unacknowledged:
+                return False
+            if not check:
+                await asyncio.sleep(0.1)
+        return True
+
     async def step(
         self,
         subject: Subject,
@@ -834,7 +865,8 @@ class Bench:
                     subject.check_alive()
                     continue
                 now = time.perf_counter()
-                if c.processed - c0.processed >= load.sent:
+                if c.processed - c0.processed >= load.sent and (
+                        not isinstance(subject, GatewayProcess) or await self.idle(subject)):
                     done_at = now
                     break
                 if c.processed != progress:
@@ -876,6 +908,10 @@ class Bench:
                 if v - m0.rejected_by.get(reason, 0.0)
             }
             result.overflow = int(m1.overflow - m0.overflow)
+            extra = int(m1.received - m0.received) - result.sent
+            if extra > 0:
+                result.note += (f"the broker delivered {extra:,} more than were sent (again, "
+                                "after a reconnect of the heartbeat connection); ")
             result.worker_restarts = int(m1.worker_restarts - m0.worker_restarts)
             if result.worker_restarts:
                 result.note += f"{result.worker_restarts} worker restarts; "
@@ -1006,7 +1042,8 @@ async def run_all(bench: Bench, results: dict[str, Any]) -> None:
         broker = await stack.enter_async_context(TunedMosquitto(max_queued_messages=queued))
         gw = GatewayProcess(broker.port, args.database_url, bench.workdir,
                             args.gateway_pg_setting, args.gateway_env,
-                            workers=args.gateway_workers)
+                            workers=args.gateway_workers,
+                            offline_after=ONLINE_FOR_SECONDS if args.fleet == "online" else None)
         rss_task: asyncio.Task[None] | None = None
 
         async def stop_gateway() -> None:
@@ -1133,11 +1170,13 @@ async def rpc_phase(bench: Bench, gw: GatewayProcess, broker: TunedMosquitto) ->
     pg0 = {pid: proc_cpu(pid) or 0.0 for pid in await pg_backend_pids(bench.db)}
     pids = gw.processes(refresh=True)
     cpu0 = cpu_of(pids)
-    broker0 = proc_cpu(broker.proc.pid) or 0.0
+    assert broker.proc is not None
+    broker_pid = broker.proc.pid
+    broker0 = proc_cpu(broker_pid) or 0.0
     rpc = await run_rpc("127.0.0.1", broker.port, key, picks, in_flight=args.rpc_in_flight,
                         duration=args.rpc_seconds, warmup=args.rpc_warmup)
     cpu1 = cpu_of(pids)
-    broker_cpu = (proc_cpu(broker.proc.pid) or 0.0) - broker0
+    broker_cpu = (proc_cpu(broker_pid) or 0.0) - broker0
     gw_cpu = [(cpu1[name] or 0.0) - before for name, before in cpu0.items()
               if before is not None and cpu1[name] is not None]
     pg_cpu = sum((proc_cpu(pid) or 0.0) - pg0.get(pid, 0.0)
@@ -1166,7 +1205,12 @@ async def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             results["environment"]["postgresql"] = str(server).split()[0]
             inserted, took = await ensure_fleet(bench.db, bench.serials)
             log(f"fleet: {args.devices:,} devices ({inserted:,} seeded now) in {took:.1f} s")
-            results["seed"] = {"inserted": inserted, "seconds": took}
+            t0 = time.perf_counter()
+            changed = await set_presence(bench.db, bench.serials, args.fleet)
+            log(f"fleet presence at the start: {args.fleet} ({changed:,} devices set so in "
+                f"{time.perf_counter() - t0:.1f} s)")
+            results["seed"] = {"inserted": inserted, "seconds": took,
+                               "presence": args.fleet, "presence_changed": changed}
             await run_all(bench, results)
         finally:
             await bench.db.close()
@@ -1635,6 +1679,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="devices checked in PostgreSQL after the soak (0: all)")
     p.add_argument("--step-verify-sample", type=int, default=2_000,
                    help="devices checked after each ladder step (0: all touched)")
+    p.add_argument("--fleet", choices=PRESENCE_STATES, default="online",
+                   help="presence at the start: online (every device reported a moment ago, "
+                   "the steady state; the gateway's offline threshold is then an hour, since "
+                   "the ladder visits each device less than once a minute), unknown (none "
+                   "ever reported: every first heartbeat records device.online, a fleet's "
+                   "first start) or as-is (the database's)")
     p.add_argument("--rpc-seconds", type=float, default=10.0, help="0: no request/reply")
     p.add_argument("--rpc-in-flight", type=int, default=TARGET_RPC_IN_FLIGHT)
     p.add_argument("--rpc-warmup", type=float, default=1.0, help="seconds not measured")

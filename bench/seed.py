@@ -114,6 +114,39 @@ async def seed_devices(
     return inserted
 
 
+# How long a fleet set online stays online without a heartbeat in a run (the gateway's
+# threshold then): the ladder visits each device far less often than once a minute.
+ONLINE_FOR_SECONDS = 3600
+
+# Presence as the run should start with it (``--fleet``). "online": every device reported
+# a moment ago, as in the steady state of a fleet whose devices report every minute
+# (devices set so within the last 30 minutes are left as they are). "unknown": none has
+# ever reported, so each one's first heartbeat records device.online (a fleet's first
+# start, the costliest case for events).
+_PRESENCE = {
+    "online": """
+        UPDATE device_health SET last_heartbeat_at = now(),
+                                 online_since = COALESCE(online_since, now())
+        WHERE serial_number BETWEEN $1 AND $2 AND NOT deleted
+          AND (online_since IS NULL OR last_heartbeat_at IS NULL
+               OR last_heartbeat_at < now() - interval '30 minutes')""",
+    "unknown": """
+        UPDATE device_health SET last_heartbeat_at = NULL, online_since = NULL
+        WHERE serial_number BETWEEN $1 AND $2 AND NOT deleted
+          AND (online_since IS NOT NULL OR last_heartbeat_at IS NOT NULL)""",
+}
+PRESENCE_STATES = (*_PRESENCE, "as-is")
+
+
+async def set_presence(conn: asyncpg.Connection, serials: Sequence[str], state: str) -> int:
+    """Put the devices of ``serials`` (a sorted range) in ``state`` (`PRESENCE_STATES`);
+    how many devices were changed."""
+    if state == "as-is":
+        return 0
+    status = await conn.execute(_PRESENCE[state], serials[0], serials[-1])
+    return int(status.split()[-1])
+
+
 @dataclass(frozen=True, slots=True)
 class Mismatch:
     serial: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import signal
 import time
@@ -99,6 +100,11 @@ class Gateway:
                      database=redact_url(self.config.database_url),
                      metrics=f"http://{host}:{port}/metrics", client_id=self.config.client_id,
                      share_group=self.config.share_group)
+            with contextlib.suppress(StorageUnavailable):
+                if not await self.storage.db.autovacuum():
+                    log.warning("database.autovacuum_off", hint="vacuum event_outbox and "
+                                "device_health yourself, or turn autovacuum on "
+                                "(docs/operations.md)")
             async with asyncio.TaskGroup() as tasks:
                 writer = tasks.create_task(self.writer.run(), name="heartbeat-writer")
                 workers = [

@@ -38,9 +38,6 @@ log = structlog.get_logger("gateway.heartbeat_link")
 
 OnPublish = Callable[[str, bytes, "str | None", int, float], None]
 CONNECT_TIMEOUT_SECONDS = 10.0
-# A keepalive tick this much later than due means the event loop was held up (a long
-# batch of work): the broker's silence is then not judged on that tick.
-STALL_SECONDS = 0.5
 # The largest packet the broker may send this link: larger heartbeats than 64 KiB are read
 # and counted as too_large; past this the broker discards them unseen.
 MAXIMUM_PACKET_BYTES = 4 * 1024 * 1024 + 64 * 1024
@@ -319,22 +316,17 @@ class HeartbeatLink:
     async def _watch(self, protocol: _Protocol) -> int | None:
         """Keep the connection alive until it closes; the broker's DISCONNECT reason."""
         tick = min(1.0, self._keepalive / 4) if self._keepalive else 1.0
-        woke = time.monotonic()
         while not protocol.closed.done():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(tick):
                     await asyncio.shield(protocol.closed)
             now = time.monotonic()
-            # Woken late: the event loop itself was held up, and what the broker sent
-            # meanwhile is in the socket, unread (timers run before reads on waking).
-            stalled, woke = now - woke > tick + STALL_SECONDS, now
             if not self._keepalive or protocol.closed.done():
                 continue
             if now - self.last_out >= self._keepalive / 2:
                 protocol.write(packets.PINGREQ_PACKET)
-            if protocol.paused or stalled:
-                # Not reading, on purpose or not: the broker's silence is not shown.
-                protocol.last_in = now
+            if protocol.paused:
+                protocol.last_in = now  # not reading, on purpose: no news is expected
             elif now - protocol.last_in > self._keepalive * 1.5 and protocol.transport:
                 log.warning("heartbeat_link.silent", seconds=round(now - protocol.last_in, 1))
                 protocol.transport.abort()

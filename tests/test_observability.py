@@ -15,10 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import asyncpg
 import msgspec
 import pytest
-from conftest import MQTT_HOST, MQTT_PORT, MQTT_URL, NODELAY, Caller, free_port, wait_for
+from conftest import (
+    MQTT_HOST,
+    MQTT_PORT,
+    MQTT_URL,
+    NODELAY,
+    Caller,
+    free_port,
+    wait_for,
+)
 from gateway_codecs.device import DecodeError, decode_heartbeat
+from processes import GatewayProcess
 from sync_support import metric, now_ms, register
 
 from gateway import logs
@@ -170,3 +180,32 @@ def test_a_metrics_port_past_65535_is_refused() -> None:
     with pytest.raises(ConfigError, match="0 to 65535"):
         Config(metrics_addr="127.0.0.1:65536")
     assert Config(metrics_addr="127.0.0.1:65535").metrics_endpoint == ("127.0.0.1", 65535)
+
+
+async def test_the_gateway_warns_once_ready_when_autovacuum_is_off(
+    database_url: str, topic_prefix: str
+) -> None:
+    """Without autovacuum the outbox keeps every moved event as a dead row: the gateway
+    says so in its log once it is ready (and not when it is on; CI clusters run with it
+    off, so this checks whichever this server has)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        autovacuum = await conn.fetchval("SHOW autovacuum")
+    finally:
+        await conn.close()
+    gateway = GatewayProcess(mqtt_url=MQTT_URL, database_url=database_url,
+                             topic_prefix=topic_prefix, client_id="autovacuum-check")
+    try:
+        gateway.start()
+        await gateway.wait_healthy()
+        await asyncio.sleep(0.5)
+        lines = [json.loads(line) for line in gateway.log_path.read_text().splitlines()
+                 if line.startswith("{")]
+    finally:
+        gateway.close()
+    events = [line["event"] for line in lines]
+    assert events.count("database.autovacuum_off") == (autovacuum == "off"), events
+    if autovacuum == "off":
+        assert events.index("database.autovacuum_off") > events.index("gateway.ready")
+        [warning] = [line for line in lines if line["event"] == "database.autovacuum_off"]
+        assert warning["level"] == "warning" and "event_outbox" in warning["hint"]

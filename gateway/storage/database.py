@@ -205,24 +205,23 @@ class Database:
         return bool(claimed)
 
     async def check_schema(self) -> None:
-        """Raise SchemaMissing unless ``gateway db migrate`` has been applied; warn when
-        PostgreSQL's autovacuum is off."""
+        """Raise SchemaMissing unless ``gateway db migrate`` has been applied."""
         async with self.connection() as conn:
             missing = await conn.fetchval(
                 "SELECT count(*) FROM unnest($1::text[]) AS t(name)"
                 " WHERE to_regclass(t.name) IS NULL",
                 list(TABLES),
             )
-            autovacuum = await conn.fetchval("SELECT current_setting('autovacuum') = 'on'")
         if missing:
             raise SchemaMissing("the database has no gateway schema; run `gateway db migrate`")
-        if not autovacuum:
-            # The relay deletes every event it moves out of `event_outbox`, and heartbeats
-            # rewrite `device_health` every minute: without vacuum both only grow, and the
-            # relay's and the fleet gauge's reads of the outbox slow down with them.
-            log.warning("database.autovacuum_off", hint="PostgreSQL's autovacuum is off: "
-                        "vacuum event_outbox and device_health yourself, or turn it on "
-                        "(docs/operations.md)")
+
+
+    async def autovacuum(self) -> bool:
+        """Whether PostgreSQL's autovacuum is on. The relay deletes every event it moves out
+        of `event_outbox`, and heartbeats rewrite `device_health` every minute: without
+        vacuum both only grow, and every read of the outbox slows down with them."""
+        async with self.connection() as conn:
+            return bool(await conn.fetchval("SELECT current_setting('autovacuum') = 'on'"))
 
 
 def schema_sql() -> str:

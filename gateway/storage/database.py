@@ -154,15 +154,25 @@ class Database:
     @contextlib.asynccontextmanager
     async def connection(self, *, check: bool = False) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection; ``StorageUnavailable`` when the database is away."""
-        if self._down and not check:
-            raise StorageUnavailable("database unavailable (failing fast until it answers)")
+        if not check:
+            self.check_available()
         try:
             async with self._pool.acquire(timeout=self.timeout) as conn:
                 yield conn
         except UNAVAILABLE as exc:
-            self.health.database = False
-            self._failed.set()
-            raise StorageUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+            raise self.unavailable(type(exc).__name__) from exc
+
+    def unavailable(self, why: str) -> StorageUnavailable:
+        """A call found the database unavailable: the health check runs at once. Returns
+        the error to raise."""
+        self.health.database = False
+        self._failed.set()
+        return StorageUnavailable(f"database unavailable: {why}")
+
+    def check_available(self) -> None:
+        """``StorageUnavailable`` at once while the health check finds the database down."""
+        if self._down:
+            raise StorageUnavailable("database unavailable (failing fast until it answers)")
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
@@ -170,18 +180,36 @@ class Database:
             yield conn
 
     async def ping(self) -> bool:
-        """The health check: True when the database answers. While it does not, every
-        other call fails at once."""
+        """The health check: True when the database answers within the timeout. While it
+        does not, every other call fails at once.
+
+        The check is bounded as a whole: after a statement timed out on a hung server,
+        asyncpg can take another timeout to give the connection back (it waits for the
+        cancellation), and that must not delay finding the database down."""
+        check = asyncio.ensure_future(self._select_one())
+        try:
+            done, _ = await asyncio.wait({check}, timeout=self.timeout)
+        except asyncio.CancelledError:
+            check.cancel()
+            raise
+        finally:
+            self._failed.clear()
+        if check not in done or not check.result():
+            if check not in done:
+                check.add_done_callback(_retrieved)
+            self._down = True
+            self.health.database = False
+            return False
+        self._down = False
+        self.health.database = True
+        return True
+
+    async def _select_one(self) -> bool:
         try:
             async with self.connection(check=True) as conn:
                 await conn.fetchval("SELECT 1")
         except StorageUnavailable:
-            self._down = True
             return False
-        finally:
-            self._failed.clear()
-        self._down = False
-        self.health.database = True
         return True
 
     async def until_failure(self, seconds: float) -> None:
@@ -222,6 +250,12 @@ class Database:
         vacuum both only grow, and every read of the outbox slows down with them."""
         async with self.connection() as conn:
             return bool(await conn.fetchval("SELECT current_setting('autovacuum') = 'on'"))
+
+
+def _retrieved(task: asyncio.Future[bool]) -> None:
+    """A check given up on finishes later: its outcome is read, so nothing is logged."""
+    if not task.cancelled():
+        task.exception()
 
 
 def schema_sql() -> str:

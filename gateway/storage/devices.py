@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -202,8 +203,16 @@ class Devices(Aggregate):
         return current, row["created"]
 
     async def get(self, device_id: str) -> Device:
-        """The device, unless deleted (NotFound)."""
-        return device(found(await self._by_id.get(device_id)))
+        """The device, unless deleted (NotFound). Waits at most the database timeout in
+        all, also when the read queues behind statements that hang, and not at all while
+        the database is known to be down."""
+        self._db.check_available()
+        try:
+            async with asyncio.timeout(self._db.timeout):
+                row = await self._by_id.get(device_id)
+        except TimeoutError as exc:
+            raise self._db.unavailable(f"no answer within {self._db.timeout:g} s") from exc
+        return device(found(row))
 
     async def _read(self, device_ids: list[str]) -> dict[str, asyncpg.Record]:
         async with self._db.connection() as conn:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -181,36 +181,37 @@ class Database:
 
     async def ping(self) -> bool:
         """The health check: True when the database answers within the timeout. While it
-        does not, every other call fails at once.
-
-        The check is bounded as a whole: after a statement timed out on a hung server,
-        asyncpg can take another timeout to give the connection back (it waits for the
-        cancellation), and that must not delay finding the database down."""
-        check = asyncio.ensure_future(self._select_one())
+        does not, every other call fails at once."""
         try:
-            done, _ = await asyncio.wait({check}, timeout=self.timeout)
-        except asyncio.CancelledError:
-            check.cancel()
-            raise
+            await self.within_timeout(self._select_one())
+        except StorageUnavailable:
+            self._down = True
+            return False
         finally:
             self._failed.clear()
-        if check not in done or not check.result():
-            if check not in done:
-                check.add_done_callback(_retrieved)
-            self._down = True
-            self.health.database = False
-            return False
         self._down = False
         self.health.database = True
         return True
 
-    async def _select_one(self) -> bool:
+    async def _select_one(self) -> None:
+        async with self.connection(check=True) as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def within_timeout(self, work: Awaitable[T]) -> T:
+        """``work``'s result, or ``StorageUnavailable`` once the timeout has passed, whatever
+        asyncpg is doing: after a statement timed out on a hung server it can take another
+        timeout to give the connection back (it waits for the cancellation). Work given up
+        on finishes in the background."""
+        task = asyncio.ensure_future(work)
         try:
-            async with self.connection(check=True) as conn:
-                await conn.fetchval("SELECT 1")
-        except StorageUnavailable:
-            return False
-        return True
+            done, _ = await asyncio.wait({task}, timeout=self.timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task not in done:
+            task.add_done_callback(_retrieved)
+            raise self.unavailable(f"no answer within {self.timeout:g} s")
+        return task.result()
 
     async def until_failure(self, seconds: float) -> None:
         """Wait ``seconds``, or less if a call finds the database unavailable meanwhile
@@ -252,7 +253,7 @@ class Database:
             return bool(await conn.fetchval("SELECT current_setting('autovacuum') = 'on'"))
 
 
-def _retrieved(task: asyncio.Future[bool]) -> None:
+def _retrieved(task: asyncio.Future[Any]) -> None:
     """A check given up on finishes later: its outcome is read, so nothing is logged."""
     if not task.cancelled():
         task.exception()

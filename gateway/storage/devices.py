@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -203,18 +202,16 @@ class Devices(Aggregate):
         return current, row["created"]
 
     async def get(self, device_id: str) -> Device:
-        """The device, unless deleted (NotFound). Waits at most the database timeout in
-        all, also when the read queues behind statements that hang, and not at all while
-        the database is known to be down."""
+        """The device, unless deleted (NotFound); at once ``StorageUnavailable`` while the
+        database is known to be down."""
         self._db.check_available()
-        try:
-            async with asyncio.timeout(self._db.timeout):
-                row = await self._by_id.get(device_id)
-        except TimeoutError as exc:
-            raise self._db.unavailable(f"no answer within {self._db.timeout:g} s") from exc
-        return device(found(row))
+        return device(found(await self._by_id.get(device_id)))
 
     async def _read(self, device_ids: list[str]) -> dict[str, asyncpg.Record]:
+        # Bounded as a whole, so that reads queued behind it wait at most one timeout.
+        return await self._db.within_timeout(self._fetch(device_ids))
+
+    async def _fetch(self, device_ids: list[str]) -> dict[str, asyncpg.Record]:
         async with self._db.connection() as conn:
             rows = await conn.fetch(
                 SELECT + " WHERE d.id = ANY($1::text[]) AND d.deleted_at IS NULL", device_ids)

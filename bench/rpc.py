@@ -221,13 +221,10 @@ class _Caller(asyncio.Protocol):
         size, at = len(data), 0
         acks: list[int] = []
         while at + 2 <= size:
-            found = packets.read_varint(data, at + 1)
+            found = packets.frame(data, at, size)
             if found is None:
                 break
-            length, body = found
-            end = body + length
-            if end > size:
-                break
+            body, end = found
             first = data[at]
             kind = first & 0xF0
             if kind == packets.PUBLISH:

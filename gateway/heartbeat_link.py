@@ -105,22 +105,11 @@ class _Protocol(asyncio.Protocol):
         publishes = 0
         try:
             while at + 2 <= size and not self.paused:
-                first = data[at]
-                # The remaining length: one or two bytes for nearly every heartbeat.
-                length = data[at + 1]
-                body = at + 2
-                if length & 0x80:
-                    if at + 3 <= size and not data[at + 2] & 0x80:
-                        length = (length & 0x7F) | data[at + 2] << 7
-                        body = at + 3
-                    else:
-                        found = packets.read_varint(view, at + 1)
-                        if found is None:
-                            break
-                        length, body = found
-                end = body + length
-                if end > size:
+                found = packets.frame(view, at, size)
+                if found is None:
                     break
+                body, end = found
+                first = data[at]
                 if first & 0xF0 == packets.PUBLISH:
                     publishes += self._publish(first, view, body, end, now)
                     if not link.accepting():

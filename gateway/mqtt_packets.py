@@ -63,6 +63,25 @@ def read_varint(data: bytes | memoryview, at: int) -> tuple[int, int] | None:
     return None
 
 
+def frame(data: bytes | memoryview, at: int, size: int) -> tuple[int, int] | None:
+    """The packet at ``at`` (``at + 2 <= size``): (offset of its body, offset after it), or
+    None when the first ``size`` bytes of ``data`` end inside it. A remaining length of one
+    or two bytes, nearly every packet's, is read inline."""
+    length = data[at + 1]
+    body = at + 2
+    if length & 0x80:
+        if at + 3 <= size and not data[at + 2] & 0x80:
+            length = (length & 0x7F) | data[at + 2] << 7
+            body = at + 3
+        else:
+            found = read_varint(data, at + 1)
+            if found is None:
+                return None
+            length, body = found
+    end = body + length
+    return None if end > size else (body, end)
+
+
 def _string(value: str | bytes) -> bytes:
     data = value.encode() if isinstance(value, str) else value
     return struct.pack("!H", len(data)) + data

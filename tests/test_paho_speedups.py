@@ -15,6 +15,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
+from gateway import mqtt_packets as packets
 from gateway.mqtt_client import coalesce_acks, read_all_ready
 
 
@@ -115,14 +116,25 @@ def publish_v5(topic: bytes, payload: bytes) -> bytes:
     return bytes([0x30, len(body)]) + body
 
 
+def receiving(client: paho.Client) -> list[bytes]:
+    """Have paho read without blocking; the payloads it hands over, as they come."""
+    client._sock.setblocking(False)
+    received: list[bytes] = []
+    client.on_message = lambda _client, _userdata, message: received.append(message.payload)
+    return received
+
+
+def numbered(count: int, topic: bytes = b"devices/a/heartbeat", prefix: bytes = b"") -> bytes:
+    """``count`` PUBLISH packets whose payloads are ``prefix`` and 0, 1, 2..."""
+    return b"".join(publish_v5(topic, b"%s%d" % (prefix, n)) for n in range(count))
+
+
 def test_one_readable_event_reads_a_run_of_packets(wired: Any) -> None:
     """paho alone reads one packet per `loop_read()`; the edge's reads up to 32, and
     returns without blocking when the socket is empty."""
     client, theirs, _ = wired
-    client._sock.setblocking(False)
-    received: list[bytes] = []
-    client.on_message = lambda _client, _userdata, message: received.append(message.payload)
-    theirs.sendall(b"".join(publish_v5(b"devices/a/heartbeat", b"%d" % n) for n in range(50)))
+    received = receiving(client)
+    theirs.sendall(numbered(50))
     assert client.loop_read() == paho.MQTT_ERR_SUCCESS
     assert received == [b"%d" % n for n in range(32)]
     assert client.loop_read() == paho.MQTT_ERR_SUCCESS
@@ -135,7 +147,7 @@ def test_a_socketful_of_packets_costs_one_recv(wired: Any) -> None:
     """paho alone calls ``recv()`` three or four times per packet (header byte, each
     remaining-length byte, the rest); the edge's reads serve them from one call."""
     client, theirs, _ = wired
-    client._sock.setblocking(False)
+    received = receiving(client)
     recvs: list[int] = []
     sock = client._sock
 
@@ -148,9 +160,7 @@ def test_a_socketful_of_packets_costs_one_recv(wired: Any) -> None:
             return sock.recv(size)
 
     client._sock = Counting()
-    received: list[bytes] = []
-    client.on_message = lambda _client, _userdata, message: received.append(message.payload)
-    theirs.sendall(b"".join(publish_v5(b"devices/a/heartbeat", b"%d" % n) for n in range(20)))
+    theirs.sendall(numbered(20))
     assert client.loop_read() == paho.MQTT_ERR_SUCCESS
     assert received == [b"%d" % n for n in range(20)]
     # One recv() brought all 20; the second found the socket empty (would block).
@@ -164,10 +174,8 @@ async def test_packets_left_in_the_buffer_after_a_run_are_read_without_a_socket_
     in the buffer, where no readable event would ever announce them: the next run is
     scheduled on the event loop."""
     client, theirs, _ = wired
-    client._sock.setblocking(False)
-    received: list[bytes] = []
-    client.on_message = lambda _client, _userdata, message: received.append(message.payload)
-    theirs.sendall(b"".join(publish_v5(b"devices/a/heartbeat", b"%d" % n) for n in range(50)))
+    received = receiving(client)
+    theirs.sendall(numbered(50))
     assert client.loop_read() == paho.MQTT_ERR_SUCCESS
     assert len(received) == 32
     await asyncio.sleep(0)
@@ -177,10 +185,8 @@ async def test_packets_left_in_the_buffer_after_a_run_are_read_without_a_socket_
 def test_a_new_socket_never_sees_bytes_buffered_from_the_last_one(wired: Any) -> None:
     """After a reconnect, what was left unread from the old connection is dropped."""
     client, theirs, _ = wired
-    client._sock.setblocking(False)
-    received: list[bytes] = []
-    client.on_message = lambda _client, _userdata, message: received.append(message.payload)
-    theirs.sendall(b"".join(publish_v5(b"t", b"old%d" % n) for n in range(40)))
+    received = receiving(client)
+    theirs.sendall(numbered(40, b"t", b"old"))
     client.loop_read()
     assert len(received) == 32  # 8 left in the buffer
     fresh, other = socket.socketpair()
@@ -193,3 +199,16 @@ def test_a_new_socket_never_sees_bytes_buffered_from_the_last_one(wired: Any) ->
     finally:
         fresh.close()
         other.close()
+
+
+@pytest.mark.parametrize("payload_size", [10, 1_000, 100_000])
+def test_a_packet_is_framed_whatever_its_remaining_length(payload_size: int) -> None:
+    """`mqtt_packets.frame`, the framing of the heartbeat link and the benchmark's caller:
+    a remaining length of one, two or three bytes; None while the packet is incomplete."""
+    packet = packets.publish("devices/a/heartbeat", 7, b"x" * payload_size)
+    data = b"\x00" * 3 + packet + packets.PINGREQ_PACKET
+    body, end = packets.frame(data, 3, len(data)) or (0, 0)
+    assert data[3:end] == packet and end - body == len(packet) - (body - 3)
+    assert packets.frame(data, end, len(data)) == (end + 2, end + 2)  # PINGREQ: no body
+    assert packets.frame(data, 3, end - 1) is None
+    assert packets.frame(data, 3, 5) is None  # inside the remaining length
